@@ -1,0 +1,23 @@
+//! runonce: a reverse proxy in front of a PowerJob-compatible server that lets one logical instance-creating
+//! call reach the server once, however often the client sends it.
+//!
+//! # Layout
+//! The modules, in the order a request meets them:
+//! - [`config`]: settings from file < `RUNONCE_*` env < flags, validated once before anything binds.
+//! - [`server`]: listeners, connection cap, header limits and read timeout, graceful shutdown.
+//! - [`proxy`]: the request's way: classify, forward as a stream ([`proxy::upstream`] pool and failover,
+//!   [`proxy::tap`] auth-header repair on the upstream bytes, [`proxy::headers`] rules), and the one
+//!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
+//! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
+//!   ([`powerjob::client`]).
+//! - [`telemetry`]: tracing setup.
+//! - [`demo`]: the side-by-side demo (direct vs through runonce).
+
+pub mod admin;
+pub mod config;
+pub mod demo;
+pub mod powerjob;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;

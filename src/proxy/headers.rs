@@ -1,0 +1,167 @@
+//! Header rules on the way through: hop-by-hop removal, `X-Forwarded-*`, and exact-case response heads.
+//!
+//! What this module does not own: the repair of `X-POWERJOB-AUTH-PASSED` on forwarded answers. That happens on
+//! the upstream connection's bytes, before hyper parses them (`tap.rs`), because hyper keeps the header-case map
+//! private: a name added to a `HeaderMap` afterwards would leave in lower case.
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::response;
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy ones proxies drop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Drops hop-by-hop headers, including every header that `Connection` names. `Transfer-Encoding` goes too:
+/// hyper frames the message again on the other side.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+}
+
+/// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto` when no hop before us did.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    let ip = client.to_string();
+    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
+        Some(earlier) if !earlier.is_empty() => format!("{earlier}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(XFF, value);
+    }
+    headers
+        .entry(XFP)
+        .or_insert(HeaderValue::from_static(proto));
+}
+
+/// Parses a rendered HTTP/1.1 response head (status line, headers, blank line) into `Parts` whose header names
+/// leave a `preserve_header_case` server connection exactly as written here.
+///
+/// hyper records the case of names it parses in a private extension; letting its own client parser read the
+/// head over an in-memory pipe is the one way to build that record with public API. The body is not read:
+/// callers put their own body beside the `Parts`. Costs a few microseconds; meant for heads built once and
+/// cloned (`Parts: Clone`), or for rare paths.
+pub async fn parse_response_head(head: &[u8]) -> Result<response::Parts, hyper::Error> {
+    let (ours, mut theirs) = tokio::io::duplex(head.len() + 256);
+    let (mut send, conn) = hyper::client::conn::http1::Builder::new()
+        .preserve_header_case(true)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(ours))
+        .await?;
+    // hyper refuses bytes that arrive before its request went out, so the fake peer answers only after reading
+    // it (one short request line, read in one go from the pipe).
+    let peer = async move {
+        let mut request = [0u8; 256];
+        if theirs.read(&mut request).await.is_ok() {
+            let _ = theirs.write_all(head).await;
+        }
+        theirs
+    };
+    tokio::pin!(conn);
+    let response = tokio::select! {
+        (response, _peer) = async { tokio::join!(send.send_request(http::Request::new(Empty::new())), peer) } => response?,
+        // The connection only ends first when the head could not be parsed.
+        Err(err) = &mut conn => return Err(err),
+    };
+    Ok(response.into_parts().0)
+}
+
+/// Renders a response head with the given names in the given case (values as given), then parses it with
+/// [`parse_response_head`]. `Content-Length: 0` is implied when no framing header is given.
+pub async fn exact_case_head(
+    status: http::StatusCode,
+    headers: &[(&str, &str)],
+) -> Result<response::Parts, hyper::Error> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    for (name, value) in headers {
+        head.push_str(name);
+        head.push_str(": ");
+        head.push_str(value);
+        head.push_str("\r\n");
+    }
+    let framed = headers.iter().any(|(n, _)| {
+        n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("transfer-encoding")
+    });
+    if !framed {
+        head.push_str("Content-Length: 0\r\n");
+    }
+    head.push_str("\r\n");
+    let mut parts = parse_response_head(head.as_bytes()).await?;
+    if !framed {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
+    Ok(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-powerjob-app-id", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-powerjob-app-id"));
+    }
+
+    #[test]
+    fn forwarded_for_appends_and_proto_is_kept() {
+        let mut h = HeaderMap::new();
+        add_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        add_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[tokio::test]
+    async fn exact_case_head_parses_names_and_values() {
+        let parts = exact_case_head(http::StatusCode::OK, &[("X-POWERJOB-AUTH-PASSED", "true")])
+            .await
+            .unwrap();
+        assert_eq!(parts.status, 200);
+        assert_eq!(parts.headers["x-powerjob-auth-passed"], "true");
+        assert!(parts.headers.get(header::CONTENT_LENGTH).is_none());
+    }
+}

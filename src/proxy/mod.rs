@@ -1,0 +1,5 @@
+//! (in progress)
+pub mod error;
+pub mod headers;
+pub mod tap;
+pub mod upstream;

@@ -1,1 +1,538 @@
-//! (in progress)
+//! Settings: defaults < `config/runonce.toml`-style file < `RUNONCE_*` environment < command-line flags.
+//!
+//! Every key is declared once, in the `settings!` table below, which gives it its type, default, flag and
+//! `RUNONCE_<KEY>` variable. Each layer is read on its own so that an error names where the bad value came
+//! from (the file's key and line, the variable, or the flag); the merged result is validated once, before
+//! anything binds. A bad setting is a [`ConfigError`], and the binary exits with 64 (`EX_USAGE`).
+//!
+//! The environment is passed in as a lookup function so tests never touch the process environment.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Exit status for a refused configuration (`EX_USAGE` from sysexits.h).
+pub const EXIT_CONFIG: i32 = 64;
+
+/// A setting that cannot be used: which one, what it was, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {key} = {value:?}: {reason}")]
+pub struct ConfigError {
+    /// The key as the user wrote it: `body_limit`, `RUNONCE_BODY_LIMIT` or `--body-limit`.
+    pub key: String,
+    pub value: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            value: value.to_string(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Declares every key once: doc, name, type, default, and the long flag that sets it.
+macro_rules! settings {
+    ($( $(#[doc = $doc:literal])* $key:ident : $ty:ty = $default:expr, flag $flag:literal; )*) => {
+        /// One layer of settings (the file, the environment or the flags): every key optional.
+        #[derive(Debug, Default, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Layer { $( $key: Option<$ty>, )* }
+
+        impl Layer {
+            /// `self` wins over `lower` key by key.
+            fn over(self, lower: Layer) -> Layer {
+                Layer { $( $key: self.$key.or(lower.$key), )* }
+            }
+        }
+
+        /// The effective settings, after layering and validation.
+        #[derive(Clone, Debug, Serialize)]
+        pub struct Settings { $( $(#[doc = $doc])* pub $key: $ty, )* }
+
+        impl Settings {
+            fn from_layer(layer: Layer) -> Settings {
+                Settings { $( $key: layer.$key.unwrap_or_else(|| $default), )* }
+            }
+        }
+
+        /// Flags that override a setting (`runonce serve --help` lists them).
+        #[derive(Clone, Debug, Default, clap::Args)]
+        pub struct Flags {
+            $( $(#[doc = $doc])* #[arg(long = $flag, value_name = "VALUE")] $key: Vec<String>, )*
+        }
+
+        impl Flags {
+            /// `(key, "--flag", values)` for every flag given.
+            fn entries(&self) -> Vec<(&'static str, String, Vec<String>)> {
+                let mut out = Vec::new();
+                $( if !self.$key.is_empty() {
+                    out.push((stringify!($key), concat!("--", $flag).to_string(), self.$key.clone()));
+                } )*
+                out
+            }
+        }
+
+        /// Every key, in table order.
+        pub const KEYS: &[&str] = &[$( stringify!($key) ),*];
+    };
+}
+
+settings! {
+    /// Address the proxy listens on (HTTP/1.1).
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7700)), flag "listen";
+    /// Address of the admin listener (/healthz, /readyz). Loopback by default.
+    admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9700)), flag "admin-listen";
+    /// PowerJob servers, tried in order when one cannot be reached (http://host:port[/prefix]).
+    upstreams: Vec<UpstreamUrl> = Vec::new(), flag "upstream";
+    /// `repair`: every 200 answer to /openApi/** carries `X-POWERJOB-AUTH-PASSED: true` in exact case unless the
+    /// server said false. `preserve`: headers pass as the server sent them.
+    auth_header: AuthHeader = AuthHeader::Repair, flag "auth-header";
+    /// Largest request body (413 above it), checked while streaming.
+    body_limit: ByteSize = ByteSize::mib(4), flag "body-limit";
+    /// Largest request head: request line and headers (431 above it).
+    max_header_bytes: ByteSize = ByteSize::kib(32), flag "max-header-bytes";
+    /// Most request headers (431 above it).
+    max_headers: Count = Count(50), flag "max-headers";
+    /// Time a client has to send a whole request head; then the connection is closed.
+    header_read_timeout: Dur = Dur::secs(10), flag "header-read-timeout";
+    /// Most client connections at once; further ones wait in the listen backlog.
+    max_connections: Count = Count(10_000), flag "max-connections";
+    /// Time to open a connection to one upstream before trying the next.
+    connect_timeout: Dur = Dur::secs(1), flag "connect-timeout";
+    /// Time an upstream has to answer (response head) once the request was sent: 504 after it, never re-sent.
+    upstream_timeout: Dur = Dur::secs(30), flag "upstream-timeout";
+    /// Idle keep-alive connections kept per upstream.
+    upstream_max_idle: Count = Count(256), flag "upstream-max-idle";
+    /// An idle upstream connection older than this is not reused.
+    upstream_idle_timeout: Dur = Dur::secs(30), flag "upstream-idle-timeout";
+    /// On SIGTERM/SIGINT: time in-flight requests get to finish before the process exits.
+    shutdown_grace: Dur = Dur::secs(30), flag "shutdown-grace";
+    /// Log output: `text` or `json`. The filter comes from RUNONCE_LOG or RUST_LOG (default `info`).
+    log_format: LogFormat = LogFormat::Text, flag "log-format";
+}
+
+/// Keys whose value is a list: several flags, or a comma-separated variable.
+const LIST_KEYS: &[&str] = &["upstreams"];
+
+impl Settings {
+    /// Layers the file (if any), the environment (through `env`) and the flags over the defaults, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &Flags,
+    ) -> Result<Settings, ConfigError> {
+        let file_layer = match file {
+            Some(path) => read_file(path)?,
+            None => Layer::default(),
+        };
+        let env_layer = from_entries(KEYS.iter().filter_map(|key| {
+            let var = env_var(key);
+            let raw = env(&var)?;
+            let values = if LIST_KEYS.contains(key) {
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty())
+                    .map(String::from)
+                    .collect()
+            } else {
+                vec![raw]
+            };
+            Some((*key, var, values))
+        }))?;
+        let flag_layer = from_entries(flags.entries())?;
+        let settings = Settings::from_layer(flag_layer.over(env_layer).over(file_layer));
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(ConfigError::new(
+                "upstreams",
+                "[]",
+                "at least one upstream is required (--upstream URL)",
+            ));
+        }
+        if self.listen == self.admin_listen {
+            return Err(ConfigError::new(
+                "admin_listen",
+                self.admin_listen,
+                "must differ from listen",
+            ));
+        }
+        let positive: [(&str, u64); 9] = [
+            ("body_limit", self.body_limit.as_u64()),
+            ("max_header_bytes", self.max_header_bytes.as_u64()),
+            ("max_headers", self.max_headers.0 as u64),
+            ("max_connections", self.max_connections.0 as u64),
+            (
+                "header_read_timeout",
+                self.header_read_timeout.0.as_millis() as u64,
+            ),
+            ("connect_timeout", self.connect_timeout.0.as_millis() as u64),
+            (
+                "upstream_timeout",
+                self.upstream_timeout.0.as_millis() as u64,
+            ),
+            (
+                "upstream_idle_timeout",
+                self.upstream_idle_timeout.0.as_millis() as u64,
+            ),
+            ("shutdown_grace", self.shutdown_grace.0.as_millis() as u64),
+        ];
+        if let Some((key, value)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::new(*key, value, "must be greater than zero"));
+        }
+        // hyper's own backstop is twice these (see server.rs); keep it within what hyper accepts.
+        if self.max_header_bytes.as_u64() > 1024 * 1024 {
+            return Err(ConfigError::new(
+                "max_header_bytes",
+                self.max_header_bytes,
+                "must be at most 1 MiB",
+            ));
+        }
+        if self.max_headers.0 > 1000 {
+            return Err(ConfigError::new(
+                "max_headers",
+                self.max_headers.0,
+                "must be at most 1000",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The settings as TOML, for `runonce check-config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|err| format!("# cannot render settings: {err}\n"))
+    }
+}
+
+/// `body_limit` → `RUNONCE_BODY_LIMIT`.
+pub fn env_var(key: &str) -> String {
+    format!("RUNONCE_{}", key.to_ascii_uppercase())
+}
+
+fn read_file(path: &Path) -> Result<Layer, ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ConfigError::new("config", &name, err.to_string()))?;
+    // toml's message names the key and shows the line.
+    toml::from_str(&text)
+        .map_err(|err| ConfigError::new(format!("{name}"), "(file)", err.to_string().trim()))
+}
+
+/// Builds a layer from `(key, source, values)`, one key at a time so an error names its source.
+fn from_entries(
+    entries: impl IntoIterator<Item = (&'static str, String, Vec<String>)>,
+) -> Result<Layer, ConfigError> {
+    let mut layer = Layer::default();
+    for (key, source, mut values) in entries {
+        let shown = values.join(",");
+        let value = if LIST_KEYS.contains(&key) {
+            toml::Value::Array(values.into_iter().map(toml::Value::String).collect())
+        } else {
+            // A repeated scalar flag: the last one wins, as with most CLIs.
+            toml::Value::String(values.pop().unwrap_or_default())
+        };
+        let mut table = toml::Table::new();
+        table.insert(key.to_string(), value);
+        let one: Layer = toml::Value::Table(table)
+            .try_into()
+            .map_err(|err: toml::de::Error| {
+                ConfigError::new(source, shown, err.message().trim())
+            })?;
+        layer = one.over(layer);
+    }
+    Ok(layer)
+}
+
+/// An upstream PowerJob server: `http://host:port` with an optional path prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    /// `host:port`, as dialled and as the `Host` of requests that carry none.
+    pub authority: String,
+    /// Path prefix put before every forwarded path, without a trailing slash (often empty).
+    pub base: String,
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let uri: http::Uri = s.parse().map_err(|err| format!("not a URL: {err}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some(other) => return Err(format!("scheme {other} is not supported; use http://")),
+            None => return Err("needs a scheme: http://host:port".into()),
+        }
+        let authority = uri.authority().ok_or("needs a host: http://host:port")?;
+        if uri.query().is_some() {
+            return Err("must not have a query".into());
+        }
+        let port = authority.port_u16().unwrap_or(80);
+        Ok(UpstreamUrl {
+            authority: format!("{}:{port}", authority.host()),
+            base: uri.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.base)
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for UpstreamUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What happens to `X-POWERJOB-AUTH-PASSED` on the way back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthHeader {
+    Repair,
+    Preserve,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A duration written as `500ms`, `10s`, `2m` (or a whole number of seconds).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    const fn secs(s: u64) -> Dur {
+        Dur(Duration::from_secs(s))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(secs) => Ok(Dur(Duration::from_secs(secs))),
+            NumOrText::Text(text) => {
+                humantime::parse_duration(text.trim())
+                    .map(Dur)
+                    .map_err(|err| {
+                        serde::de::Error::custom(format!("{err} (write e.g. 500ms, 10s, 2m)"))
+                    })
+            }
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+/// A count, written as a number (or as text, as the environment and flags give it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Count(pub usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => usize::try_from(n)
+                .map(Count)
+                .map_err(serde::de::Error::custom),
+            NumOrText::Text(text) => text.trim().parse().map(Count).map_err(|_| {
+                serde::de::Error::custom(format!("expected a whole number, got {text:?}"))
+            }),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumOrText {
+    Num(u64),
+    Text(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn flags(args: &[&str]) -> Flags {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            flags: Flags,
+        }
+        let mut argv = vec!["runonce"];
+        argv.extend_from_slice(args);
+        <Cli as clap::Parser>::parse_from(argv).flags
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    fn file(text: &str) -> tempfile_path::TempToml {
+        tempfile_path::TempToml::new(text)
+    }
+
+    /// A TOML file in the system temp dir, removed on drop.
+    mod tempfile_path {
+        pub struct TempToml(pub std::path::PathBuf);
+        impl TempToml {
+            pub fn new(text: &str) -> Self {
+                use std::sync::atomic::{AtomicUsize, Ordering};
+                static N: AtomicUsize = AtomicUsize::new(0);
+                let name = format!(
+                    "runonce-cfg-{}-{}.toml",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::Relaxed)
+                );
+                let path = std::env::temp_dir().join(name);
+                std::fs::write(&path, text).unwrap();
+                TempToml(path)
+            }
+        }
+        impl Drop for TempToml {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn flag_beats_env_beats_file_beats_default() {
+        let f = file("upstreams = [\"http://a:7700\"]\nbody_limit = \"1MiB\"\nmax_headers = 10\nlisten = \"127.0.0.1:1\"\n");
+        let s = Settings::load(
+            Some(&f.0),
+            env(&[
+                ("RUNONCE_BODY_LIMIT", "2MiB"),
+                ("RUNONCE_LISTEN", "127.0.0.1:2"),
+            ]),
+            &flags(&["--listen", "127.0.0.1:3"]),
+        )
+        .unwrap();
+        assert_eq!(s.listen, "127.0.0.1:3".parse().unwrap());
+        assert_eq!(s.body_limit, ByteSize::mib(2));
+        assert_eq!(s.max_headers, Count(10));
+        assert_eq!(s.upstream_timeout, Dur::secs(30));
+        assert_eq!(s.upstreams, vec!["http://a:7700".parse().unwrap()]);
+    }
+
+    #[test]
+    fn lists_come_from_repeated_flags_or_a_comma_separated_variable() {
+        let s = Settings::load(
+            None,
+            env(&[("RUNONCE_UPSTREAMS", "http://a:1, http://b:2/pj/")]),
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(s.upstreams.len(), 2);
+        assert_eq!(s.upstreams[1].base, "/pj");
+        let s = Settings::load(
+            None,
+            env(&[]),
+            &flags(&["--upstream", "http://a:1", "--upstream", "http://c"]),
+        )
+        .unwrap();
+        assert_eq!(s.upstreams[1].authority, "c:80");
+    }
+
+    #[test]
+    fn errors_name_the_source_of_the_bad_value() {
+        let e = Settings::load(
+            None,
+            env(&[
+                ("RUNONCE_UPSTREAMS", "http://a:1"),
+                ("RUNONCE_MAX_HEADERS", "many"),
+            ]),
+            &Flags::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "RUNONCE_MAX_HEADERS");
+        assert!(e.reason.contains("whole number"), "{e}");
+
+        let e = Settings::load(None, env(&[]), &flags(&["--upstream", "https://a:1"])).unwrap_err();
+        assert_eq!(e.key, "--upstream");
+        assert!(e.reason.contains("https"), "{e}");
+
+        let e = Settings::load(
+            None,
+            env(&[]),
+            &flags(&["--upstream", "http://a:1", "--auth-header", "fix"]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "--auth-header");
+
+        let f = file("upstreams = [\"http://a:1\"]\nbody_limt = \"1MiB\"\n");
+        let e = Settings::load(Some(&f.0), env(&[]), &Flags::default()).unwrap_err();
+        assert!(e.reason.contains("body_limt"), "{e}");
+
+        let e = Settings::load(None, env(&[]), &Flags::default()).unwrap_err();
+        assert_eq!(e.key, "upstreams");
+
+        let e = Settings::load(
+            None,
+            env(&[]),
+            &flags(&["--upstream", "http://a:1", "--connect-timeout", "0s"]),
+        )
+        .unwrap_err();
+        assert_eq!(e.key, "connect_timeout");
+    }
+
+    #[test]
+    fn the_example_config_names_every_key_and_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/runonce.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let table: toml::Table = text.parse().unwrap();
+        let mut in_file: Vec<&str> = table.keys().map(String::as_str).collect();
+        in_file.sort_unstable();
+        let mut keys = KEYS.to_vec();
+        keys.sort_unstable();
+        assert_eq!(in_file, keys, "config/runonce.toml must show every key");
+        Settings::load(Some(&path), env(&[]), &Flags::default()).unwrap();
+    }
+
+    #[test]
+    fn settings_render_back_to_toml_that_loads() {
+        let s = Settings::load(
+            None,
+            env(&[]),
+            &flags(&["--upstream", "http://a:1", "--shutdown-grace", "1m 30s"]),
+        )
+        .unwrap();
+        let f = file(&s.to_toml());
+        let again = Settings::load(Some(&f.0), env(&[]), &Flags::default()).unwrap();
+        assert_eq!(again.shutdown_grace, Dur(Duration::from_secs(90)));
+        assert_eq!(again.upstreams, s.upstreams);
+    }
+}

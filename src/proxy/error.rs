@@ -1,1 +1,138 @@
-//! (in progress)
+//! The proxy's failures and the one rescue that turns any of them into the client's answer.
+//!
+//! Each variant says whether the request left runonce ([`ProxyError::sent`]): a request that never reached a
+//! server may go to the next one; one that did may have created an instance and is never sent again. The
+//! answer is always a PowerJob-shaped body (`{"success":false,…,"code":"RUNONCE_…"}`), so a PowerJob client
+//! reports it like any server failure, plus one log line.
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::Full;
+use std::time::Duration;
+
+use crate::powerjob;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// Content-Length or the streamed body went over `body_limit`.
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    /// More header bytes or headers than allowed.
+    #[error("request head is larger than allowed: {what}")]
+    HeadTooLarge { what: String },
+    /// Methods a PowerJob proxy does not tunnel.
+    #[error("method {method} is not supported")]
+    Method { method: http::Method },
+    /// The client's body broke off while it was being forwarded.
+    #[error("the request body could not be read from the client: {cause}")]
+    ClientBody { cause: String },
+    /// No upstream could be connected to; the request was sent nowhere.
+    #[error("no upstream server could be reached (last: {upstream}: {cause})")]
+    Unreachable { upstream: String, cause: String },
+    /// The request was sent and no answer came in time. Not retried: the server may have acted on it.
+    #[error("upstream {upstream} did not answer within {timeout:?}; the request is not re-sent because the server may have acted on it")]
+    Timeout { upstream: String, timeout: Duration },
+    /// The connection failed after the request was sent. Not retried, for the same reason.
+    #[error("upstream {upstream} failed after the request was sent ({cause}); the request is not re-sent because the server may have acted on it")]
+    Broken { upstream: String, cause: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ProxyError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::Unreachable { .. } | ProxyError::Broken { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The machine-readable `code` of the body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BodyTooLarge { .. } => "RUNONCE_BODY_TOO_LARGE",
+            ProxyError::HeadTooLarge { .. } => "RUNONCE_HEAD_TOO_LARGE",
+            ProxyError::Method { .. } => "RUNONCE_METHOD_NOT_ALLOWED",
+            ProxyError::ClientBody { .. } => "RUNONCE_BAD_REQUEST_BODY",
+            ProxyError::Unreachable { .. } => "RUNONCE_UPSTREAM_UNREACHABLE",
+            ProxyError::Timeout { .. } => "RUNONCE_UPSTREAM_TIMEOUT",
+            ProxyError::Broken { .. } => "RUNONCE_UPSTREAM_BROKEN",
+        }
+    }
+
+    /// Whether the request may have reached a server (and so may have had an effect there).
+    pub fn sent(&self) -> bool {
+        matches!(self, ProxyError::Timeout { .. } | ProxyError::Broken { .. })
+    }
+}
+
+/// The client's answer to `err`, with one log line.
+pub fn rescue(err: &ProxyError, method: &http::Method, path: &str) -> Response<Full<Bytes>> {
+    let status = err.status();
+    if status.is_server_error() {
+        tracing::warn!(%method, path, status = status.as_u16(), code = err.code(), sent = err.sent(), cause = %err, "request failed");
+    } else {
+        tracing::info!(%method, path, status = status.as_u16(), code = err.code(), cause = %err, "request refused");
+    }
+    error_response(status, err.code(), &err.to_string())
+}
+
+/// A PowerJob-shaped error answer: `{"success":false,"data":null,"message":"runonce: …","code":"…"}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let body = powerjob::result_json(
+        false,
+        serde_json::Value::Null,
+        Some(&format!("runonce: {message}")),
+        Some(code),
+    );
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn rescue_answers_with_a_powerjob_shaped_body() {
+        let err = ProxyError::Timeout {
+            upstream: "127.0.0.1:7700".into(),
+            timeout: Duration::from_secs(2),
+        };
+        assert!(err.sent());
+        let response = rescue(&err, &http::Method::POST, "/openApi/runJob");
+        assert_eq!(response.status(), 504);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(json["success"], false);
+        assert_eq!(json["data"], serde_json::Value::Null);
+        assert_eq!(json["code"], "RUNONCE_UPSTREAM_TIMEOUT");
+        assert!(json["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("runonce: upstream 127.0.0.1:7700 did not answer"));
+    }
+
+    #[test]
+    fn only_errors_after_sending_count_as_sent() {
+        let unreachable = ProxyError::Unreachable {
+            upstream: "a".into(),
+            cause: "refused".into(),
+        };
+        assert!(!unreachable.sent());
+        assert_eq!(unreachable.status(), 502);
+        assert!(ProxyError::Broken {
+            upstream: "a".into(),
+            cause: "reset".into()
+        }
+        .sent());
+    }
+}

@@ -1,1 +1,315 @@
-//! (in progress)
+//! The upstream connection's bytes, with `X-POWERJOB-AUTH-PASSED` repaired in response heads as they arrive.
+//!
+//! Why here and not on the parsed response: hyper records the case of the header names it parses in a private
+//! extension and writes any name it did not parse in lower case. The 5.1.0 client looks the header up by its
+//! exact upper-case name, so a header added to a `HeaderMap` would not be seen. Rewriting the head before hyper
+//! parses it (with `preserve_header_case`) makes the repaired name one that hyper parsed: it leaves toward the
+//! client exactly as written, and every other name keeps the server's case too.
+//!
+//! The rule, applied only to a response head that the pool [armed](TapCtl::arm) this tap for (a request to
+//! `/openApi/**` with `auth_header = "repair"`):
+//! - status 200 and no such header → `X-POWERJOB-AUTH-PASSED: true` is added;
+//! - the header in another case with the value `true` → its name is rewritten in exact case (same length, in place);
+//! - any other value (`false`) or status, or the exact name already → left as it came: `false` never becomes `true`.
+//!
+//! Interim (1xx) heads pass untouched; the final head is the one repaired. Bodies are never looked at. A head
+//! larger than [`MAX_HEAD`] or one that does not parse passes unchanged for hyper to judge.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::powerjob::AUTH_PASSED;
+
+/// Heads larger than this pass unrepaired (hyper's own client limit is about as large).
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most headers a repaired head may have; more pass unrepaired.
+const MAX_HEADERS: usize = 128;
+
+/// Shared between the pool, which arms the tap before sending a request, and the connection's IO.
+#[derive(Debug, Default)]
+pub struct TapCtl {
+    repair_next_head: AtomicBool,
+}
+
+impl TapCtl {
+    /// Whether the answer to the request about to be sent gets the repair.
+    pub fn arm(&self, repair: bool) {
+        self.repair_next_head.store(repair, Ordering::Release);
+    }
+}
+
+/// An IO object (the upstream TCP stream) whose reads pass through the repair.
+#[derive(Debug)]
+pub struct Tap<T> {
+    io: T,
+    ctl: Arc<TapCtl>,
+    read: ReadState,
+}
+
+#[derive(Debug)]
+enum ReadState {
+    /// Bytes pass straight into hyper's buffer.
+    Pass,
+    /// Collecting a response head to repair.
+    Head(Vec<u8>),
+    /// Handing over collected (and repaired) bytes; `Pass` after them.
+    Drain { buf: Vec<u8>, at: usize },
+}
+
+impl<T> Tap<T> {
+    pub fn new(io: T, ctl: Arc<TapCtl>) -> Self {
+        Tap {
+            io,
+            ctl,
+            read: ReadState::Pass,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        loop {
+            match &mut this.read {
+                ReadState::Pass => {
+                    if !this.ctl.repair_next_head.swap(false, Ordering::AcqRel) {
+                        return Pin::new(&mut this.io).poll_read(cx, out);
+                    }
+                    this.read = ReadState::Head(Vec::with_capacity(1024));
+                }
+                ReadState::Drain { buf, at } => {
+                    let n = out.remaining().min(buf.len() - *at);
+                    out.put_slice(&buf[*at..*at + n]);
+                    *at += n;
+                    if *at == buf.len() {
+                        this.read = ReadState::Pass;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                ReadState::Head(buf) => {
+                    let mut chunk = [0u8; 4096];
+                    let mut chunk = ReadBuf::new(&mut chunk);
+                    ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
+                    let eof = chunk.filled().is_empty();
+                    buf.extend_from_slice(chunk.filled());
+                    if let Some(repaired) = repair(buf, eof) {
+                        // Empty after end-of-stream: the drain then reports end-of-stream too.
+                        this.read = ReadState::Drain {
+                            buf: repaired,
+                            at: 0,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Repairs the final head in `buf` once it is complete: `Some(bytes to hand over)`, or `None` to read more.
+fn repair(buf: &mut Vec<u8>, eof: bool) -> Option<Vec<u8>> {
+    let mut start = 0;
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut headers);
+        match head.parse(&buf[start..]) {
+            Ok(httparse::Status::Complete(len)) => {
+                let code = head.code.unwrap_or(0);
+                if (100..200).contains(&code) {
+                    start += len;
+                    continue;
+                }
+                let fix = (code == 200).then(|| auth_fix(&head.headers, buf.as_ptr()));
+                return Some(apply(std::mem::take(buf), fix.flatten(), start + len));
+            }
+            Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_HEAD => return None,
+            // Too large, malformed, or cut short: pass as it came.
+            _ => return Some(std::mem::take(buf)),
+        }
+    }
+}
+
+/// What a 200 head needs.
+#[derive(Debug, PartialEq)]
+enum Fix {
+    /// No such header: add one.
+    Add,
+    /// The header with value true, its name in another case, at this offset of the buffer.
+    Rename(usize),
+}
+
+fn auth_fix(headers: &[httparse::Header<'_>], base: *const u8) -> Option<Fix> {
+    let Some(found) = headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(AUTH_PASSED))
+    else {
+        return Some(Fix::Add);
+    };
+    if found.name == AUTH_PASSED || !found.value.trim_ascii().eq_ignore_ascii_case(b"true") {
+        return None;
+    }
+    // httparse hands out slices of the buffer it parsed, so the name's offset is its address minus the start's.
+    Some(Fix::Rename(found.name.as_ptr() as usize - base as usize))
+}
+
+fn apply(mut buf: Vec<u8>, fix: Option<Fix>, head_end: usize) -> Vec<u8> {
+    match fix {
+        None => buf,
+        Some(Fix::Rename(at)) => {
+            buf[at..at + AUTH_PASSED.len()].copy_from_slice(AUTH_PASSED.as_bytes());
+            buf
+        }
+        Some(Fix::Add) => {
+            // Insert before the blank line that ends the head (CRLF, or a bare LF that httparse also accepts).
+            let at = if buf[..head_end].ends_with(b"\r\n\r\n") {
+                head_end - 2
+            } else {
+                head_end - 1
+            };
+            let line = b"X-POWERJOB-AUTH-PASSED: true\r\n";
+            let mut out = Vec::with_capacity(buf.len() + line.len());
+            out.extend_from_slice(&buf[..at]);
+            out.extend_from_slice(line);
+            out.extend_from_slice(&buf[at..]);
+            out
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tap<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Feeds `wire` through an armed (or unarmed) tap in chunks of `step` bytes and returns what hyper would read.
+    async fn through_tap(wire: &[u8], armed: bool, step: usize) -> Vec<u8> {
+        let (mut server, client) = tokio::io::duplex(64);
+        let ctl = Arc::new(TapCtl::default());
+        ctl.arm(armed);
+        let mut tap = Tap::new(client, ctl);
+        let wire = wire.to_vec();
+        let writer = tokio::spawn(async move {
+            for chunk in wire.chunks(step) {
+                server.write_all(chunk).await.unwrap();
+            }
+        });
+        let mut out = Vec::new();
+        tap.read_to_end(&mut out).await.unwrap();
+        writer.await.unwrap();
+        out
+    }
+
+    const BODY: &str = "{\"success\":true,\"data\":754612332134400064,\"message\":null}";
+
+    fn response(extra: &str) -> String {
+        format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{BODY}", BODY.len())
+    }
+
+    #[tokio::test]
+    async fn a_missing_header_is_added_in_exact_case_even_across_reads() {
+        for step in [1, 7, 4096] {
+            let out =
+                String::from_utf8(through_tap(response("").as_bytes(), true, step).await).unwrap();
+            assert_eq!(
+                out,
+                response("").replace("\r\n\r\n", "\r\nX-POWERJOB-AUTH-PASSED: true\r\n\r\n"),
+                "step {step}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lower_cased_true_is_renamed_and_false_is_never_touched() {
+        let out = through_tap(
+            response("x-powerjob-auth-passed: true\r\n").as_bytes(),
+            true,
+            5,
+        )
+        .await;
+        assert_eq!(out, response("X-POWERJOB-AUTH-PASSED: true\r\n").as_bytes());
+        for kept in [
+            "x-powerjob-auth-passed: false\r\n",
+            "X-POWERJOB-AUTH-PASSED: false\r\n",
+            "X-POWERJOB-AUTH-PASSED: TRUE\r\n",
+        ] {
+            let out = through_tap(response(kept).as_bytes(), true, 5).await;
+            assert_eq!(out, response(kept).as_bytes(), "{kept}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unarmed_non_200_and_garbled_heads_pass_unchanged() {
+        assert_eq!(
+            through_tap(response("").as_bytes(), false, 3).await,
+            response("").as_bytes()
+        );
+        let not_found = response("").replace("200 OK", "404 Not Found");
+        assert_eq!(
+            through_tap(not_found.as_bytes(), true, 3).await,
+            not_found.as_bytes()
+        );
+        let garbled = b"HTTP/1.1 2OO OK\r\nX: y\r\n\r\n";
+        assert_eq!(through_tap(garbled, true, 3).await, garbled);
+        let cut = b"HTTP/1.1 200 OK\r\nContent-";
+        assert_eq!(through_tap(cut, true, 3).await, cut);
+    }
+
+    #[tokio::test]
+    async fn interim_heads_pass_and_the_final_head_is_repaired() {
+        let wire = format!("HTTP/1.1 100 Continue\r\n\r\n{}", response(""));
+        let out = String::from_utf8(through_tap(wire.as_bytes(), true, 11).await).unwrap();
+        assert!(out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
+        assert!(
+            out.contains("\r\nX-POWERJOB-AUTH-PASSED: true\r\n\r\n{"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_looks_like_a_head_is_not_touched() {
+        let body = "HTTP/1.1 200 OK\r\n\r\n";
+        let wire = format!(
+            "HTTP/1.1 200 OK\r\nX-POWERJOB-AUTH-PASSED: true\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        assert_eq!(through_tap(wire.as_bytes(), true, 4).await, wire.as_bytes());
+    }
+}

@@ -1,1 +1,289 @@
-//! (in progress)
+//! The upstream PowerJob servers: a keep-alive connection pool per server, and failover that never re-sends.
+//!
+//! Requests start at the server that answered last (as the PowerJob client keeps a `currentAddress`) and move
+//! to the next one **only while the request has not left runonce**: a connect failure, or a pooled connection
+//! that hyper reports closed before it wrote anything (`TrySendError` hands the request back). Once hyper has
+//! taken the request, any failure is final for it (`Timeout` → 504, `Broken` → 502): the server may already
+//! have created an instance, and at-most-once is the promise.
+//!
+//! The pool is our own, on `hyper::client::conn::http1`, rather than hyper-util's legacy client, because two
+//! things need the connection itself: the [`Tap`] on its bytes is armed per request (auth-header repair), and
+//! failover needs the request back when it was never sent.
+
+use std::collections::VecDeque;
+use std::error::Error as StdError;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{header, HeaderValue, Request, Response, Uri};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::error::ProxyError;
+use super::tap::{Tap, TapCtl};
+use crate::config::{Settings, UpstreamUrl};
+
+/// A forwarded request's body: the client's stream under the size limit, or bytes runonce already holds.
+pub type ForwardBody = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// Every configured server, in order.
+pub struct Upstreams {
+    servers: Vec<Arc<Upstream>>,
+    /// Index of the server that answered last: the first one tried.
+    current: AtomicUsize,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// One server and its idle connections.
+struct Upstream {
+    url: UpstreamUrl,
+    /// Idle connections, oldest first. A std `Mutex`: held for a push or pop, never across an `.await`.
+    idle: Mutex<VecDeque<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    send: SendRequest<ForwardBody>,
+    ctl: Arc<TapCtl>,
+    since: Instant,
+}
+
+/// How one server's attempt ended when it did not answer.
+enum Attempt {
+    /// The request did not leave runonce: it may go to the next server.
+    NotSent(Request<ForwardBody>, String),
+    /// The request may have reached the server: final.
+    Failed(ProxyError),
+}
+
+impl Upstreams {
+    pub fn new(settings: &Settings) -> Self {
+        let servers = settings
+            .upstreams
+            .iter()
+            .map(|url| {
+                Arc::new(Upstream {
+                    url: url.clone(),
+                    idle: Mutex::new(VecDeque::new()),
+                    max_idle: settings.upstream_max_idle.0,
+                    idle_timeout: settings.upstream_idle_timeout.0,
+                })
+            })
+            .collect();
+        Upstreams {
+            servers,
+            current: AtomicUsize::new(0),
+            connect_timeout: settings.connect_timeout.0,
+            response_timeout: settings.upstream_timeout.0,
+        }
+    }
+
+    /// Sends `request` (origin-form URI) to the first server that takes it; `repair` arms the auth-header repair.
+    pub async fn send(
+        &self,
+        mut request: Request<ForwardBody>,
+        repair: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let path = request
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let first = self.current.load(Ordering::Relaxed);
+        let mut last = (String::new(), String::new());
+        for step in 0..self.servers.len() {
+            let index = (first + step) % self.servers.len();
+            let server = &self.servers[index];
+            match server
+                .send(
+                    request,
+                    &path,
+                    repair,
+                    self.connect_timeout,
+                    self.response_timeout,
+                )
+                .await
+            {
+                Ok(response) => {
+                    if index != first {
+                        self.current.store(index, Ordering::Relaxed);
+                        tracing::info!(upstream = %server.url, "upstream failover: now sending here first");
+                    }
+                    return Ok(response);
+                }
+                Err(Attempt::Failed(err)) => return Err(err),
+                Err(Attempt::NotSent(back, cause)) => {
+                    tracing::warn!(upstream = %server.url, %cause, "upstream not reachable; request not sent, trying the next");
+                    last = (server.url.to_string(), cause);
+                    request = back;
+                }
+            }
+        }
+        Err(ProxyError::Unreachable {
+            upstream: last.0,
+            cause: last.1,
+        })
+    }
+
+    /// Whether any server accepts a TCP connection (readiness). Opens and closes one connection; sends nothing.
+    pub async fn any_reachable(&self) -> bool {
+        for server in &self.servers {
+            let connect = TcpStream::connect(server.url.authority.as_str());
+            if let Ok(Ok(_)) = tokio::time::timeout(self.connect_timeout, connect).await {
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Upstream {
+    async fn send(
+        self: &Arc<Self>,
+        mut request: Request<ForwardBody>,
+        path: &PathAndQuery,
+        repair: bool,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Response<Incoming>, Attempt> {
+        *request.uri_mut() = match self.uri(path) {
+            Ok(uri) => uri,
+            Err(cause) => return Err(Attempt::NotSent(request, cause)),
+        };
+        if !request.headers().contains_key(header::HOST) {
+            if let Ok(host) = HeaderValue::from_str(&self.url.authority) {
+                request.headers_mut().insert(header::HOST, host);
+            }
+        }
+        // Pooled connections first; one the server closed meanwhile hands the request back and is dropped.
+        // The loop ends: every turn either returns or takes a connection out of the finite idle list.
+        loop {
+            let (mut send, ctl, reused) = match self.checkout() {
+                Some(idle) => (idle.send, idle.ctl, true),
+                None => match self.connect(connect_timeout).await {
+                    Ok((send, ctl)) => (send, ctl, false),
+                    Err(cause) => return Err(Attempt::NotSent(request, cause)),
+                },
+            };
+            ctl.arm(repair);
+            match tokio::time::timeout(response_timeout, send.try_send_request(request)).await {
+                Ok(Ok(response)) => {
+                    self.checkin_when_idle(send, ctl);
+                    return Ok(response);
+                }
+                Ok(Err(mut err)) => match err.take_message() {
+                    Some(back) if reused => request = back,
+                    Some(back) => return Err(Attempt::NotSent(back, err.into_error().to_string())),
+                    None => return Err(Attempt::Failed(self.classify(err.into_error()))),
+                },
+                // Dropping the call closes the connection; the request may be on the server already.
+                Err(_) => {
+                    return Err(Attempt::Failed(ProxyError::Timeout {
+                        upstream: self.url.to_string(),
+                        timeout: response_timeout,
+                    }))
+                }
+            }
+        }
+    }
+
+    fn uri(&self, path: &PathAndQuery) -> Result<Uri, String> {
+        if self.url.base.is_empty() {
+            return Ok(Uri::from(path.clone()));
+        }
+        format!("{}{}", self.url.base, path)
+            .parse()
+            .map_err(|err| format!("bad path: {err}"))
+    }
+
+    /// A failure after hyper took the request: the client's body, or the upstream, is to blame.
+    fn classify(&self, err: hyper::Error) -> ProxyError {
+        let mut source = err.source();
+        while let Some(cause) = source {
+            if cause.is::<LengthLimitError>() {
+                return ProxyError::BodyTooLarge { limit: 0 };
+            }
+            source = cause.source();
+        }
+        if err.is_user() {
+            return ProxyError::ClientBody {
+                cause: err.to_string(),
+            };
+        }
+        ProxyError::Broken {
+            upstream: self.url.to_string(),
+            cause: err.to_string(),
+        }
+    }
+
+    fn checkout(&self) -> Option<Idle> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while let Some(conn) = idle.pop_back() {
+            if conn.since.elapsed() < self.idle_timeout && conn.send.is_ready() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Puts the connection back once its answer has been read to the end (hyper then reports it ready).
+    fn checkin_when_idle(self: &Arc<Self>, mut send: SendRequest<ForwardBody>, ctl: Arc<TapCtl>) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            if send.ready().await.is_err() {
+                return;
+            }
+            let mut idle = this
+                .idle
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if idle.len() >= this.max_idle {
+                idle.pop_front();
+            }
+            idle.push_back(Idle {
+                send,
+                ctl,
+                since: Instant::now(),
+            });
+        });
+    }
+
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<(SendRequest<ForwardBody>, Arc<TapCtl>), String> {
+        let stream =
+            match tokio::time::timeout(timeout, TcpStream::connect(self.url.authority.as_str()))
+                .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(err)) => return Err(format!("connect: {err}")),
+                Err(_) => return Err(format!("connect: no answer within {timeout:?}")),
+            };
+        let _ = stream.set_nodelay(true);
+        let ctl = Arc::new(TapCtl::default());
+        let (send, conn) = hyper::client::conn::http1::Builder::new()
+            .preserve_header_case(true)
+            .handshake(TokioIo::new(Tap::new(stream, Arc::clone(&ctl))))
+            .await
+            .map_err(|err| format!("handshake: {err}"))?;
+        let upstream = self.url.to_string();
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%upstream, %err, "upstream connection ended");
+            }
+        });
+        Ok((send, ctl))
+    }
+}

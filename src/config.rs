@@ -161,7 +161,8 @@ impl Settings {
                 "at least one upstream is required (--upstream URL)",
             ));
         }
-        if self.listen == self.admin_listen {
+        // Port 0 asks the system for a free port, so two port-0 addresses do not clash.
+        if self.listen == self.admin_listen && self.listen.port() != 0 {
             return Err(ConfigError::new(
                 "admin_listen",
                 self.admin_listen,
@@ -226,7 +227,7 @@ fn read_file(path: &Path) -> Result<Layer, ConfigError> {
         .map_err(|err| ConfigError::new("config", &name, err.to_string()))?;
     // toml's message names the key and shows the line.
     toml::from_str(&text)
-        .map_err(|err| ConfigError::new(format!("{name}"), "(file)", err.to_string().trim()))
+        .map_err(|err| ConfigError::new(name, "(file)", err.to_string().trim()))
 }
 
 /// Builds a layer from `(key, source, values)`, one key at a time so an error names its source.

@@ -127,7 +127,7 @@ fn repair(buf: &mut Vec<u8>, eof: bool) -> Option<Vec<u8>> {
                     start += len;
                     continue;
                 }
-                let fix = (code == 200).then(|| auth_fix(&head.headers, buf.as_ptr()));
+                let fix = (code == 200).then(|| auth_fix(head.headers, buf.as_ptr()));
                 return Some(apply(std::mem::take(buf), fix.flatten(), start + len));
             }
             Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_HEAD => return None,

@@ -59,7 +59,7 @@ struct Idle {
 /// How one server's attempt ended when it did not answer.
 enum Attempt {
     /// The request did not leave runonce: it may go to the next server.
-    NotSent(Request<ForwardBody>, String),
+    NotSent(Box<Request<ForwardBody>>, String),
     /// The request may have reached the server: final.
     Failed(ProxyError),
 }
@@ -123,7 +123,7 @@ impl Upstreams {
                 Err(Attempt::NotSent(back, cause)) => {
                     tracing::warn!(upstream = %server.url, %cause, "upstream not reachable; request not sent, trying the next");
                     last = (server.url.to_string(), cause);
-                    request = back;
+                    request = *back;
                 }
             }
         }
@@ -156,7 +156,7 @@ impl Upstream {
     ) -> Result<Response<Incoming>, Attempt> {
         *request.uri_mut() = match self.uri(path) {
             Ok(uri) => uri,
-            Err(cause) => return Err(Attempt::NotSent(request, cause)),
+            Err(cause) => return Err(Attempt::NotSent(Box::new(request), cause)),
         };
         if !request.headers().contains_key(header::HOST) {
             if let Ok(host) = HeaderValue::from_str(&self.url.authority) {
@@ -170,7 +170,7 @@ impl Upstream {
                 Some(idle) => (idle.send, idle.ctl, true),
                 None => match self.connect(connect_timeout).await {
                     Ok((send, ctl)) => (send, ctl, false),
-                    Err(cause) => return Err(Attempt::NotSent(request, cause)),
+                    Err(cause) => return Err(Attempt::NotSent(Box::new(request), cause)),
                 },
             };
             ctl.arm(repair);
@@ -181,7 +181,7 @@ impl Upstream {
                 }
                 Ok(Err(mut err)) => match err.take_message() {
                     Some(back) if reused => request = back,
-                    Some(back) => return Err(Attempt::NotSent(back, err.into_error().to_string())),
+                    Some(back) => return Err(Attempt::NotSent(Box::new(back), err.into_error().to_string())),
                     None => return Err(Attempt::Failed(self.classify(err.into_error()))),
                 },
                 // Dropping the call closes the connection; the request may be on the server already.

@@ -226,8 +226,7 @@ fn read_file(path: &Path) -> Result<Layer, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|err| ConfigError::new("config", &name, err.to_string()))?;
     // toml's message names the key and shows the line.
-    toml::from_str(&text)
-        .map_err(|err| ConfigError::new(name, "(file)", err.to_string().trim()))
+    toml::from_str(&text).map_err(|err| ConfigError::new(name, "(file)", err.to_string().trim()))
 }
 
 /// Builds a layer from `(key, source, values)`, one key at a time so an error names its source.

@@ -181,7 +181,12 @@ impl Upstream {
                 }
                 Ok(Err(mut err)) => match err.take_message() {
                     Some(back) if reused => request = back,
-                    Some(back) => return Err(Attempt::NotSent(Box::new(back), err.into_error().to_string())),
+                    Some(back) => {
+                        return Err(Attempt::NotSent(
+                            Box::new(back),
+                            err.into_error().to_string(),
+                        ))
+                    }
                     None => return Err(Attempt::Failed(self.classify(err.into_error()))),
                 },
                 // Dropping the call closes the connection; the request may be on the server already.

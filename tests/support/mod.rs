@@ -1,0 +1,417 @@
+//! Test harness: the real `runonce` binary on free loopback ports, a scriptable raw upstream, and raw HTTP.
+//!
+//! Every process is killed on drop; every read has a deadline, so no test can hang.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How long any single network step of a test may take before the test fails.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// A child process of the `runonce` binary, killed on drop.
+pub struct Process {
+    pub child: Child,
+    /// The `key=value` pairs of the `listening …` line the process printed.
+    pub addrs: Vec<(String, String)>,
+}
+
+impl Process {
+    /// Starts `runonce ARGS…` and waits for its `listening …` line on stdout.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runonce"))
+            .args(args)
+            // Quiet unless a test (or the person running it) asks for more.
+            .env(
+                "RUNONCE_LOG",
+                std::env::var("RUNONCE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn runonce");
+        let stdout = child.stdout.take().expect("stdout");
+        // Read the first line on a thread so a process that never prints cannot hang the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(STEP).unwrap_or_default();
+        assert!(
+            line.starts_with("listening "),
+            "runonce {args:?} did not start: {line:?}"
+        );
+        let addrs = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
+            .collect();
+        Process { child, addrs }
+    }
+
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        let (_, value) = self
+            .addrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .unwrap_or_else(|| panic!("no {key} address"));
+        value.parse().expect("socket address")
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `runonce serve` on free ports in front of `upstreams`, with extra flags.
+pub fn proxy(upstreams: &[String], extra: &[&str]) -> Process {
+    let mut args = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+    ];
+    for upstream in upstreams {
+        args.extend(["--upstream", upstream.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    Process::start(&args, &[])
+}
+
+/// `runonce mock-powerjob` on a free port.
+pub fn mock(mode: &str, latency_ms: u64) -> Process {
+    let latency = latency_ms.to_string();
+    Process::start(
+        &[
+            "mock-powerjob",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            mode,
+            "--latency-ms",
+            &latency,
+        ],
+        &[],
+    )
+}
+
+pub fn url(addr: SocketAddr) -> String {
+    format!("http://{addr}")
+}
+
+/// A raw HTTP answer: the head exactly as it came, and the body.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn status(&self) -> u16 {
+        self.head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Header lines exactly as they came (name case intact).
+    pub fn header_lines(&self) -> Vec<&str> {
+        self.head
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    /// The value of the header with exactly this name (case-sensitive, like the 5.1.0 client).
+    pub fn exact(&self, name: &str) -> Option<&str> {
+        self.header_lines()
+            .into_iter()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Writes `request` to a new connection and reads one response (Content-Length, chunked, or to close).
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawResponse> {
+    let mut stream = tokio::time::timeout(STEP, TcpStream::connect(addr)).await??;
+    stream.write_all(request).await?;
+    read_response(&mut stream).await
+}
+
+/// Reads one response from `stream`, with a deadline.
+pub async fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
+    tokio::time::timeout(STEP, read_response_inner(stream))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response in time"))?
+}
+
+async fn read_response_inner(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&buf, b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("closed after {buf:?}"),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end - 4]).into_owned();
+    let mut rest = buf[head_end..].to_vec();
+    let lower = head.to_ascii_lowercase();
+    let length = lower
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok());
+    let body = if lower.contains("transfer-encoding: chunked") {
+        read_chunked(stream, rest).await?
+    } else if let Some(length) = length {
+        while rest.len() < length {
+            let mut chunk = vec![0u8; 65536];
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "body cut short",
+                ));
+            }
+            rest.extend_from_slice(&chunk[..n]);
+        }
+        rest.truncate(length);
+        rest
+    } else if head.starts_with("HTTP/1.1 1") || head.contains(" 204 ") || head.contains(" 304 ") {
+        Vec::new()
+    } else {
+        stream.read_to_end(&mut rest).await?;
+        rest
+    };
+    Ok(RawResponse { head, body })
+}
+
+async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        while find(&buf, b"\r\n").is_none() {
+            fill(stream, &mut buf).await?;
+        }
+        let line_end = find(&buf, b"\r\n").unwrap_or(0);
+        let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        buf.drain(..line_end + 2);
+        while buf.len() < size + 2 {
+            fill(stream, &mut buf).await?;
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
+}
+
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut chunk = [0u8; 65536];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "chunked body cut short",
+        ));
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// A form POST to `path`, rendered as OkHttp would send it.
+pub fn form_post(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: application/x-www-form-urlencoded\r\n{extra_headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// The mock's `/mock/stats` JSON.
+pub async fn mock_stats(mock: SocketAddr) -> serde_json::Value {
+    raw(
+        mock,
+        b"GET /mock/stats HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("mock stats")
+    .json()
+}
+
+/// What a scripted upstream does with one request.
+pub enum Script {
+    /// Write these bytes as the answer (keep the connection open for the next request).
+    Answer(Vec<u8>),
+    /// Wait, then answer.
+    Slow(Duration, Vec<u8>),
+    /// Close the connection without answering (after the request was read).
+    Hangup,
+}
+
+/// A raw TCP upstream that records each request it reads (head and body, bytes as they came) and answers as
+/// `script` says. Understands Content-Length and chunked request bodies.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    pub requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub async fn start(script: impl Fn(&[u8]) -> Script + Send + Sync + 'static) -> RawUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let script = Arc::new(script);
+        let recorded = Arc::clone(&requests);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let script = Arc::clone(&script);
+                let recorded = Arc::clone(&recorded);
+                tokio::spawn(async move {
+                    while let Ok(Ok(Some(request))) =
+                        tokio::time::timeout(STEP, read_request(&mut stream)).await
+                    {
+                        recorded.lock().unwrap().push(request.clone());
+                        match script(&request) {
+                            Script::Answer(bytes) => {
+                                if stream.write_all(&bytes).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Script::Slow(wait, bytes) => {
+                                tokio::time::sleep(wait).await;
+                                if stream.write_all(&bytes).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Script::Hangup => return,
+                        }
+                    }
+                });
+            }
+        });
+        RawUpstream {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        url(self.addr)
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    pub fn request(&self, i: usize) -> String {
+        String::from_utf8_lossy(&self.requests.lock().unwrap()[i]).into_owned()
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request (head + body); `None` on a clean close before any byte.
+async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(at) = find(&buf, b"\r\n\r\n") {
+            break at + 4;
+        }
+        let mut chunk = [0u8; 8192];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let lower = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+    if lower.contains("transfer-encoding: chunked") {
+        while find(&buf[head_end..], b"0\r\n\r\n").is_none() {
+            fill(stream, &mut buf).await?;
+        }
+    } else if let Some(length) = lower
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        while buf.len() < head_end + length {
+            fill(stream, &mut buf).await?;
+        }
+    }
+    Ok(Some(buf))
+}
+
+/// A canned 200 answer with the given extra header lines and a small PowerJob body.
+pub fn ok_answer(extra: &str) -> Vec<u8> {
+    let body = r#"{"success":true,"data":754612332134400064,"message":null}"#;
+    format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
+        .into_bytes()
+}

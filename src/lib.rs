@@ -11,6 +11,7 @@
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
 //!   ([`powerjob::client`]).
+//! - [`rawhttp`]: a minimal HTTP/1.1 client that keeps header-name case (the client emulation, demo, tests).
 //! - [`telemetry`]: tracing setup.
 //! - [`demo`]: the side-by-side demo (direct vs through runonce).
 
@@ -19,5 +20,6 @@ pub mod config;
 pub mod demo;
 pub mod powerjob;
 pub mod proxy;
+pub mod rawhttp;
 pub mod server;
 pub mod telemetry;

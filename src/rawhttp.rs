@@ -1,0 +1,1 @@
+//! (being extracted from powerjob/client.rs)

@@ -38,28 +38,39 @@ impl ConfigError {
     }
 }
 
-/// Declares every key once: doc, name, type, default, and the long flag that sets it.
+/// Declares every key once: doc, name, type, default, and the long flag that sets it. Keys in the second
+/// group are tables, set in the file only.
 macro_rules! settings {
-    ($( $(#[doc = $doc:literal])* $key:ident : $ty:ty = $default:expr, flag $flag:literal; )*) => {
+    (
+        $( $(#[doc = $doc:literal])* $key:ident : $ty:ty = $default:expr, flag $flag:literal; )*
+        ; file only:
+        $( $(#[doc = $tdoc:literal])* $tkey:ident : $tty:ty = $tdefault:expr; )*
+    ) => {
         /// One layer of settings (the file, the environment or the flags): every key optional.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
-        struct Layer { $( $key: Option<$ty>, )* }
+        struct Layer { $( $key: Option<$ty>, )* $( $tkey: Option<$tty>, )* }
 
         impl Layer {
             /// `self` wins over `lower` key by key.
             fn over(self, lower: Layer) -> Layer {
-                Layer { $( $key: self.$key.or(lower.$key), )* }
+                Layer { $( $key: self.$key.or(lower.$key), )* $( $tkey: self.$tkey.or(lower.$tkey), )* }
             }
         }
 
         /// The effective settings, after layering and validation.
         #[derive(Clone, Debug, Serialize)]
-        pub struct Settings { $( $(#[doc = $doc])* pub $key: $ty, )* }
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $key: $ty, )*
+            $( $(#[doc = $tdoc])* pub $tkey: $tty, )*
+        }
 
         impl Settings {
             fn from_layer(layer: Layer) -> Settings {
-                Settings { $( $key: layer.$key.unwrap_or_else(|| $default), )* }
+                Settings {
+                    $( $key: layer.$key.unwrap_or_else(|| $default), )*
+                    $( $tkey: layer.$tkey.unwrap_or_else(|| $tdefault), )*
+                }
             }
         }
 
@@ -81,7 +92,10 @@ macro_rules! settings {
         }
 
         /// Every key, in table order.
-        pub const KEYS: &[&str] = &[$( stringify!($key) ),*];
+        pub const KEYS: &[&str] = &[$( stringify!($key), )* $( stringify!($tkey), )*];
+
+        /// The keys that have a flag and a `RUNONCE_*` variable.
+        const SCALAR_KEYS: &[&str] = &[$( stringify!($key), )*];
     };
 }
 
@@ -117,6 +131,34 @@ settings! {
     shutdown_grace: Dur = Dur::secs(30), flag "shutdown-grace";
     /// Log output: `text` or `json`. The filter comes from RUNONCE_LOG or RUST_LOG (default `info`).
     log_format: LogFormat = LogFormat::Text, flag "log-format";
+    /// Where guarded keys live: `memory` (this process), `redis://host:port/db`, `rediss://…`, or
+    /// `redis+cluster://host:port,host:port` (shared by every replica).
+    store: StoreUrl = StoreUrl::Memory, flag "store";
+    /// Longest a single store operation (one Redis round trip) may take before it counts as a store error.
+    store_timeout: Dur = Dur::secs(1), flag "store-timeout";
+    /// Most records the memory store holds; settled ones closest to expiry make room.
+    memory_max_keys: Count = Count(100_000), flag "memory-max-keys";
+    /// When the store fails on a guarded route: `fail-closed` (503, nothing forwarded) or `fail-open` (forward,
+    /// de-duplicating within this process only). Routes may override it.
+    on_store_error: OnStoreError = OnStoreError::FailClosed, flag "on-store-error";
+    /// How long a fingerprinted answer is kept (duplicates within it are retries). Routes may override it.
+    window: Dur = Dur::secs(60), flag "window";
+    /// How long an answer keyed by an `Idempotency-Key` header is kept.
+    idempotency_key_window: Dur = Dur::secs(24 * 3600), flag "idempotency-key-window";
+    /// How long a duplicate waits for the first request's answer; then 409 with Retry-After.
+    wait_timeout: Dur = Dur::secs(30), flag "wait-timeout";
+    /// A leader's lease on its key, renewed every third of it while the upstream call runs. A lease that runs
+    /// out (runonce died mid-call) leaves the key `unknown`: never re-run automatically.
+    lease: Dur = Dur::secs(10), flag "lease";
+    /// An identical call after a client received the answer: `new-call` (runs again) or `replay`. Routes may
+    /// override it.
+    after_delivery: AfterDelivery = AfterDelivery::NewCall, flag "after-delivery";
+    /// Whether a `success:false` answer is kept (replayed to duplicates) instead of released.
+    keep_business_errors: Switch = Switch(false), flag "keep-business-errors";
+    ; file only:
+    /// Per-route overrides, `[routes.runJob]` etc.: `enabled`, `window`, `fields`, `after_delivery`,
+    /// `on_store_error`. Routes not named keep their defaults; see `config/runonce.toml`.
+    routes: std::collections::BTreeMap<String, RouteSettings> = Default::default();
 }
 
 /// Keys whose value is a list: several flags, or a comma-separated variable.
@@ -133,7 +175,7 @@ impl Settings {
             Some(path) => read_file(path)?,
             None => Layer::default(),
         };
-        let env_layer = from_entries(KEYS.iter().filter_map(|key| {
+        let env_layer = from_entries(SCALAR_KEYS.iter().filter_map(|key| {
             let var = env_var(key);
             let raw = env(&var)?;
             let values = if LIST_KEYS.contains(key) {
@@ -169,7 +211,16 @@ impl Settings {
                 "must differ from listen",
             ));
         }
-        let positive: [(&str, u64); 9] = [
+        let positive: [(&str, u64); 15] = [
+            ("memory_max_keys", self.memory_max_keys.0 as u64),
+            ("store_timeout", self.store_timeout.0.as_millis() as u64),
+            ("window", self.window.0.as_millis() as u64),
+            (
+                "idempotency_key_window",
+                self.idempotency_key_window.0.as_millis() as u64,
+            ),
+            ("wait_timeout", self.wait_timeout.0.as_millis() as u64),
+            ("lease", self.lease.0.as_millis() as u64),
             ("body_limit", self.body_limit.as_u64()),
             ("max_header_bytes", self.max_header_bytes.as_u64()),
             ("max_headers", self.max_headers.0 as u64),
@@ -199,6 +250,34 @@ impl Settings {
                 self.max_header_bytes,
                 "must be at most 1 MiB",
             ));
+        }
+        for (name, route) in &self.routes {
+            let key = format!("routes.{name}");
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(ConfigError::new(
+                    key,
+                    name,
+                    "a route is an OpenAPI endpoint name such as runJob",
+                ));
+            }
+            if route.window.is_some_and(|w| w.0.is_zero()) {
+                return Err(ConfigError::new(
+                    format!("{key}.window"),
+                    "0s",
+                    "must be greater than zero",
+                ));
+            }
+            if route
+                .fields
+                .as_ref()
+                .is_some_and(|f| f.iter().any(String::is_empty))
+            {
+                return Err(ConfigError::new(
+                    format!("{key}.fields"),
+                    "\"\"",
+                    "field names must not be empty",
+                ));
+            }
         }
         if self.max_headers.0 > 1000 {
             return Err(ConfigError::new(
@@ -305,6 +384,92 @@ impl Serialize for UpstreamUrl {
     }
 }
 
+/// Where guarded keys live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Memory,
+    /// `redis://`, `rediss://`, `redis+cluster://` or `rediss+cluster://`, as given.
+    Redis(String),
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s == "memory" {
+            return Ok(StoreUrl::Memory);
+        }
+        const SCHEMES: [&str; 4] = [
+            "redis://",
+            "rediss://",
+            "redis+cluster://",
+            "rediss+cluster://",
+        ];
+        if SCHEMES
+            .iter()
+            .any(|scheme| s.starts_with(scheme) && s.len() > scheme.len())
+        {
+            return Ok(StoreUrl::Redis(s.to_string()));
+        }
+        Err("expected `memory`, redis://host:port/db, rediss://…, or redis+cluster://host:port,host:port".into())
+    }
+}
+
+impl fmt::Display for StoreUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::Memory => f.write_str("memory"),
+            StoreUrl::Redis(url) => f.write_str(url),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for StoreUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for StoreUrl {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// What a guarded route does when the store fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnStoreError {
+    FailClosed,
+    FailOpen,
+}
+
+/// An identical call after a client received the answer in full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AfterDelivery {
+    /// A deliberate repeat: forwarded, and it creates another instance.
+    NewCall,
+    /// Treated as a retry: the stored answer is replayed for the whole window.
+    Replay,
+}
+
+/// Overrides for one guarded route (`[routes.runJob]`); unset keys take the global value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSettings {
+    /// `false` passes the route through unguarded; `true` guards a route runonce does not guard by default.
+    pub enabled: Option<bool>,
+    pub window: Option<Dur>,
+    /// The body fields that make the fingerprint (default: all of them). The app id is always part of it.
+    pub fields: Option<Vec<String>>,
+    pub after_delivery: Option<AfterDelivery>,
+    pub on_store_error: Option<OnStoreError>,
+}
+
 /// What happens to `X-POWERJOB-AUTH-PASSED` on the way back.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -366,6 +531,32 @@ impl<'de> Deserialize<'de> for Count {
             NumOrText::Text(text) => text.trim().parse().map(Count).map_err(|_| {
                 serde::de::Error::custom(format!("expected a whole number, got {text:?}"))
             }),
+        }
+    }
+}
+
+/// A yes/no setting, written `true`/`false` (or as text, as the environment and flags give it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Switch(pub bool);
+
+impl<'de> Deserialize<'de> for Switch {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum BoolOrText {
+            Bool(bool),
+            Text(String),
+        }
+        match BoolOrText::deserialize(d)? {
+            BoolOrText::Bool(b) => Ok(Switch(b)),
+            BoolOrText::Text(text) => match text.trim() {
+                "true" => Ok(Switch(true)),
+                "false" => Ok(Switch(false)),
+                other => Err(serde::de::Error::custom(format!(
+                    "expected true or false, got {other:?}"
+                ))),
+            },
         }
     }
 }

@@ -22,4 +22,5 @@ pub mod powerjob;
 pub mod proxy;
 pub mod rawhttp;
 pub mod server;
+pub mod store;
 pub mod telemetry;

@@ -1,1 +1,579 @@
-//! (being extracted from powerjob/client.rs)
+//! A minimal HTTP/1.1 client that sees response header names exactly as they came over the wire.
+//!
+//! The duplicate `runJob` this project guards against hinges on the *case* of a response header name: the
+//! PowerJob 5.1.0 client finds `X-POWERJOB-AUTH-PASSED` but not `x-powerjob-auth-passed`. hyper normalises
+//! header names to lower case and hides the original spelling, so whatever must tell the two apart speaks
+//! HTTP/1.1 itself: the 5.1.0 client emulation ([`crate::powerjob::client`]), `runonce demo`, and the
+//! integration tests (whose scripted upstream also reads requests with [`read_request`]). Heads are parsed with
+//! `httparse`, which hands out names as sent.
+//!
+//! It is **not** used on the proxy's request path, which is hyper's.
+//!
+//! Scope: plain HTTP, one message per call; bytes read past the end of a message are dropped, so it does not
+//! support pipelining. Interim 1xx responses are skipped; bodies are delimited by Content-Length, chunked
+//! transfer coding (trailers dropped) or the end of the connection. Bounded by a 64 KiB head, 128 header
+//! fields and a 16 MiB body. Every failure is an [`io::Error`] (`InvalidData` for malformed or oversized input,
+//! `UnexpectedEof` for an early close, `TimedOut` for the deadline of [`exchange`]); bad input never panics.
+
+use std::io;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+/// Largest body we accept.
+const MAX_BODY: usize = 16 * 1024 * 1024;
+/// Largest head (start line plus headers) we accept; also bounds a chunked body's trailer section.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in one head.
+const MAX_HEADERS: usize = 128;
+/// Longest chunk-size or trailer line in a chunked body.
+const MAX_LINE: usize = 8 * 1024;
+/// Most interim (1xx) responses skipped before the final one.
+const MAX_INTERIM: usize = 8;
+
+/// A final response; header names keep the case they had on the wire.
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub status: u16,
+    /// The head exactly as received (lossy UTF-8), without the blank line that ends it.
+    pub head: String,
+    /// Header fields in order, names as received, values trimmed.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The value of the first header named exactly `name` (case-sensitive).
+    pub fn exact(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// The header lines as they came, without the status line.
+    pub fn header_lines(&self) -> Vec<&str> {
+        self.head.lines().skip(1).collect()
+    }
+
+    /// The body parsed as JSON.
+    pub fn json<T: DeserializeOwned>(&self) -> io::Result<T> {
+        serde_json::from_slice(&self.body).map_err(|error| {
+            let text = self.text();
+            let shown: String = text.chars().take(1024).collect();
+            invalid(format!("body is not JSON ({error}): {shown:?}"))
+        })
+    }
+
+    /// The body parsed as any JSON value.
+    pub fn json_value(&self) -> io::Result<serde_json::Value> {
+        self.json()
+    }
+
+    /// The body as text, invalid UTF-8 replaced.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Connects to `addr`, writes `request` as given and reads one response, all within `timeout`.
+pub async fn exchange(
+    addr: impl ToSocketAddrs,
+    request: &[u8],
+    timeout: Duration,
+) -> io::Result<Response> {
+    let call = async {
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|error| context("connect", error))?;
+        // Best effort: only latency is at stake.
+        let _ = stream.set_nodelay(true);
+        stream
+            .write_all(request)
+            .await
+            .map_err(|error| context("write", error))?;
+        read_response(&mut stream).await
+    };
+    tokio::time::timeout(timeout, call).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("timeout after {timeout:?}"),
+        )
+    })?
+}
+
+/// Reads the final response from `stream`: skips interim 1xx heads, then reads the body by its framing.
+pub async fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
+    let mut reader = Reader::new(stream, false);
+    for _ in 0..MAX_INTERIM {
+        let Some(head) = reader.read_head(false).await? else {
+            return Err(closed("connection closed before a response head"));
+        };
+        let status = head
+            .status
+            .ok_or_else(|| invalid("response without status"))?;
+        if (100..200).contains(&status) && status != 101 {
+            continue;
+        }
+        let body = reader
+            .read_body(body_framing(Some(status), &head.headers)?)
+            .await?;
+        return Ok(Response {
+            status,
+            head: head.text,
+            headers: head.headers,
+            body,
+        });
+    }
+    Err(invalid("too many interim responses"))
+}
+
+/// Reads one request (head and body, by Content-Length or chunked) and returns its bytes as they came;
+/// `None` if the peer closed before sending a byte.
+pub async fn read_request(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut reader = Reader::new(stream, true);
+    let Some(head) = reader.read_head(true).await? else {
+        return Ok(None);
+    };
+    reader.read_body(body_framing(None, &head.headers)?).await?;
+    Ok(Some(reader.buf[..reader.pos].to_vec()))
+}
+
+/// A parsed head: the response status (`None` for a request), the text and the header fields.
+struct Head {
+    status: Option<u16>,
+    text: String,
+    headers: Vec<(String, String)>,
+}
+
+/// How a body is delimited (RFC 9112 §6.3).
+#[derive(Debug, PartialEq)]
+enum Framing {
+    None,
+    Length(usize),
+    Chunked,
+    UntilClose,
+}
+
+/// The framing of a response with `status`, or of a request when `status` is `None`.
+fn body_framing(status: Option<u16>, headers: &[(String, String)]) -> io::Result<Framing> {
+    if status.is_some_and(|status| status == 204 || status == 304 || (100..200).contains(&status)) {
+        return Ok(Framing::None);
+    }
+    let values = |name: &'static str| {
+        headers
+            .iter()
+            .filter(move |(key, _)| key.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    };
+    // Transfer-Encoding wins over Content-Length; only a final `chunked` delimits the body.
+    if let Some(last) = values("Transfer-Encoding")
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .rfind(|coding| !coding.is_empty())
+    {
+        return match (last.eq_ignore_ascii_case("chunked"), status) {
+            (true, _) => Ok(Framing::Chunked),
+            (false, Some(_)) => Ok(Framing::UntilClose),
+            (false, None) => Err(invalid("request Transfer-Encoding does not end in chunked")),
+        };
+    }
+    let mut length = None;
+    for value in values("Content-Length").flat_map(|value| value.split(',')) {
+        let parsed: usize = value
+            .trim()
+            .parse()
+            .map_err(|_| invalid(format!("invalid Content-Length: {value:?}")))?;
+        if length.is_some_and(|seen| seen != parsed) {
+            return Err(invalid("conflicting Content-Length values"));
+        }
+        length = Some(parsed);
+    }
+    match (length, status) {
+        (Some(length), _) if length > MAX_BODY => {
+            Err(invalid(format!("body of {length} bytes exceeds the cap")))
+        }
+        (Some(length), _) => Ok(Framing::Length(length)),
+        // A request without either header has no body; a response runs until the connection closes.
+        (None, None) => Ok(Framing::None),
+        (None, Some(_)) => Ok(Framing::UntilClose),
+    }
+}
+
+/// A buffered reader over the connection with bounded reads.
+struct Reader<'a> {
+    stream: &'a mut TcpStream,
+    buf: Vec<u8>,
+    /// Start of the unread bytes in `buf`.
+    pos: usize,
+    /// Keep consumed bytes, so that `buf[..pos]` is everything read so far (for [`read_request`]).
+    keep: bool,
+}
+
+impl<'a> Reader<'a> {
+    fn new(stream: &'a mut TcpStream, keep: bool) -> Self {
+        Reader {
+            stream,
+            buf: Vec::with_capacity(8 * 1024),
+            pos: 0,
+            keep,
+        }
+    }
+
+    fn unread(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Reads more bytes from the socket; returns how many (0 at end of stream).
+    async fn fill(&mut self) -> io::Result<usize> {
+        // Drop consumed bytes so the buffer stays proportional to what is still unread.
+        if self.pos > 0 && !self.keep {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let mut chunk = [0u8; 8 * 1024];
+        let read = self
+            .stream
+            .read(&mut chunk)
+            .await
+            .map_err(|error| context("read", error))?;
+        self.buf.extend_from_slice(&chunk[..read]);
+        Ok(read)
+    }
+
+    /// Reads and parses one head (of a request if `request`); `None` if the peer closed before sending a byte.
+    async fn read_head(&mut self, request: bool) -> io::Result<Option<Head>> {
+        loop {
+            if let Some((length, head)) = parse_head(self.unread(), request)? {
+                self.pos += length;
+                return Ok(Some(head));
+            }
+            if self.unread().len() > MAX_HEAD {
+                return Err(invalid("head too large"));
+            }
+            if self.fill().await? == 0 {
+                if self.unread().is_empty() {
+                    return Ok(None);
+                }
+                return Err(closed("connection closed before a complete head"));
+            }
+        }
+    }
+
+    async fn read_body(&mut self, framing: Framing) -> io::Result<Vec<u8>> {
+        match framing {
+            Framing::None => Ok(Vec::new()),
+            Framing::Length(length) => self.read_exact(length).await,
+            Framing::Chunked => self.read_chunked().await,
+            Framing::UntilClose => self.read_to_close().await,
+        }
+    }
+
+    /// Reads exactly `length` bytes (the caller has checked `length` against the cap).
+    async fn read_exact(&mut self, length: usize) -> io::Result<Vec<u8>> {
+        while self.unread().len() < length {
+            if self.fill().await? == 0 {
+                return Err(closed("connection closed before the end of the body"));
+            }
+        }
+        let bytes = self.unread()[..length].to_vec();
+        self.pos += length;
+        Ok(bytes)
+    }
+
+    /// Reads everything until the peer closes, within the body cap.
+    async fn read_to_close(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if self.unread().len() > MAX_BODY {
+                return Err(invalid("body exceeds the cap"));
+            }
+            if self.fill().await? == 0 {
+                let bytes = self.unread().to_vec();
+                self.pos = self.buf.len();
+                return Ok(bytes);
+            }
+        }
+    }
+
+    /// Reads one line ending in LF (a preceding CR is dropped), without the terminator.
+    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(at) = self.unread().iter().position(|&b| b == b'\n') {
+                let mut line = self.unread()[..at].to_vec();
+                self.pos += at + 1;
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                return Ok(line);
+            }
+            if self.unread().len() > MAX_LINE {
+                return Err(invalid("chunk line too long"));
+            }
+            if self.fill().await? == 0 {
+                return Err(closed("connection closed inside a chunked body"));
+            }
+        }
+    }
+
+    /// Decodes a chunked body (RFC 9112 §7.1): size lines with optional extensions, data, CRLF, a zero-size
+    /// last chunk and optional trailer fields, which are read and dropped.
+    async fn read_chunked(&mut self) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            let size = parse_chunk_size(&self.read_line().await?)?;
+            if size == 0 {
+                break;
+            }
+            if body.len() + size > MAX_BODY {
+                return Err(invalid("chunked body exceeds the cap"));
+            }
+            body.extend_from_slice(&self.read_exact(size).await?);
+            if !self.read_line().await?.is_empty() {
+                return Err(invalid("chunk data not followed by CRLF"));
+            }
+        }
+        // Trailer section: bounded by MAX_HEAD in total, ends with an empty line.
+        let mut trailer_bytes = 0;
+        loop {
+            let line = self.read_line().await?;
+            if line.is_empty() {
+                return Ok(body);
+            }
+            trailer_bytes += line.len();
+            if trailer_bytes > MAX_HEAD {
+                return Err(invalid("chunked trailer too large"));
+            }
+        }
+    }
+}
+
+/// Parses a complete head at the start of `bytes`: its length and contents, or `None` if more bytes are needed.
+fn parse_head(bytes: &[u8], request: bool) -> io::Result<Option<(usize, Head)>> {
+    let malformed = |error| invalid(format!("malformed head: {error}"));
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let (length, status, fields) = if request {
+        let mut head = httparse::Request::new(&mut slots);
+        let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
+            return Ok(None);
+        };
+        (length, None, head.headers)
+    } else {
+        let mut head = httparse::Response::new(&mut slots);
+        let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
+            return Ok(None);
+        };
+        (length, head.code, head.headers)
+    };
+    let headers = fields
+        .iter()
+        .map(|field| {
+            let value = String::from_utf8_lossy(field.value).trim().to_owned();
+            (field.name.to_owned(), value)
+        })
+        .collect();
+    // Drop the blank line and the line break before it.
+    let mut text = &bytes[..length];
+    for _ in 0..2 {
+        text = text.strip_suffix(b"\n").unwrap_or(text);
+        text = text.strip_suffix(b"\r").unwrap_or(text);
+    }
+    let head = Head {
+        status,
+        text: String::from_utf8_lossy(text).into_owned(),
+        headers,
+    };
+    Ok(Some((length, head)))
+}
+
+/// The hex size at the start of a chunk-size line; `;extensions` and surrounding whitespace are ignored.
+fn parse_chunk_size(line: &[u8]) -> io::Result<usize> {
+    let text = String::from_utf8_lossy(line);
+    let digits = text.split(';').next().unwrap_or_default().trim();
+    let valid =
+        !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_hexdigit());
+    usize::from_str_radix(digits, 16)
+        .ok()
+        .filter(|_| valid)
+        .ok_or_else(|| invalid(format!("invalid chunk size: {text:?}")))
+}
+
+fn invalid(message: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.into())
+}
+
+fn closed(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, message)
+}
+
+/// `error` with what was being done in front of its message.
+fn context(what: &str, error: io::Error) -> io::Error {
+    io::Error::new(error.kind(), format!("{what}: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::net::TcpListener;
+
+    /// Upper bound for any single exchange.
+    const LIMIT: Duration = Duration::from_secs(10);
+    const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+
+    /// A server for one connection: reads one request, writes `answer`, closes.
+    async fn answering(answer: Vec<u8>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = read_request(&mut stream).await;
+            let _ = stream.write_all(&answer).await;
+            let _ = stream.shutdown().await;
+        });
+        addr
+    }
+
+    async fn answer(bytes: &[u8]) -> io::Result<Response> {
+        exchange(answering(bytes.to_vec()).await, GET, LIMIT).await
+    }
+
+    #[tokio::test]
+    async fn head_and_header_names_are_kept_as_sent() {
+        let response = answer(b"HTTP/1.1 200 OK\r\nX-POWERJOB-AUTH-PASSED: true\r\nx-powerjob-auth-passed: false\r\nContent-Length: 2\r\n\r\n{}extra").await.unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.head,
+            "HTTP/1.1 200 OK\r\nX-POWERJOB-AUTH-PASSED: true\r\nx-powerjob-auth-passed: false\r\nContent-Length: 2"
+        );
+        assert_eq!(response.exact("X-POWERJOB-AUTH-PASSED"), Some("true"));
+        assert_eq!(response.exact("x-powerjob-auth-passed"), Some("false"));
+        assert_eq!(response.exact("X-Powerjob-Auth-Passed"), None);
+        assert_eq!(response.header_lines().len(), 3);
+        assert_eq!(response.json_value().unwrap(), serde_json::json!({}));
+        assert_eq!(response.text(), "{}");
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_decode() {
+        let response = answer(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\nB\r\n, world! :)\r\n0\r\nX-Trailer: x\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.text(), "hello, world! :)");
+    }
+
+    #[tokio::test]
+    async fn interim_response_and_body_until_close_are_handled() {
+        let response = answer(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{\"a\":1}",
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.json_value().unwrap()["a"], 1);
+    }
+
+    #[tokio::test]
+    async fn caps_and_bad_input_are_errors() {
+        let huge_head = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD));
+        let cases: [&[u8]; 6] = [
+            huge_head.as_bytes(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 16777217\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000001\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+            b"\x00garbage\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        ];
+        for case in cases {
+            assert!(
+                answer(case).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(case)
+            );
+        }
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let error = exchange(silent.local_addr().unwrap(), GET, Duration::from_millis(50))
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(error.to_string(), "timeout after 50ms");
+    }
+
+    #[tokio::test]
+    async fn requests_are_read_whole_and_raw() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests: [&[u8]; 3] = [
+            b"POST /a HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            b"POST /b HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            b"GET /c HTTP/1.1\r\nHost: t\r\n\r\n",
+        ];
+        let client = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            for request in requests {
+                stream.write_all(request).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let (mut stream, _) = listener.accept().await.unwrap();
+        for request in requests {
+            assert_eq!(read_request(&mut stream).await.unwrap().unwrap(), request);
+        }
+        client.await.unwrap();
+        assert!(read_request(&mut stream).await.unwrap().is_none());
+    }
+
+    #[test]
+    fn chunk_sizes_parse_strictly() {
+        assert_eq!(parse_chunk_size(b"1a;name=value").unwrap(), 26);
+        assert_eq!(parse_chunk_size(b" 0 ").unwrap(), 0);
+        assert!(parse_chunk_size(b"").is_err());
+        assert!(parse_chunk_size(b"-1").is_err());
+        assert!(parse_chunk_size(b"+1").is_err());
+        assert!(parse_chunk_size(b"fffffffffffffffff").is_err());
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let headers = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let framing = |status, pairs: &[(&str, &str)]| body_framing(status, &headers(pairs)).ok();
+        assert_eq!(framing(Some(204), &[]), Some(Framing::None));
+        assert_eq!(
+            framing(Some(200), &[("content-length", "5")]),
+            Some(Framing::Length(5))
+        );
+        assert_eq!(
+            framing(
+                Some(200),
+                &[
+                    ("Content-Length", "5"),
+                    ("Transfer-Encoding", "gzip, chunked")
+                ]
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            framing(Some(200), &[("Transfer-Encoding", "gzip")]),
+            Some(Framing::UntilClose)
+        );
+        assert!(framing(
+            Some(200),
+            &[("Content-Length", "5"), ("Content-Length", "6")]
+        )
+        .is_none());
+        assert!(framing(Some(200), &[("Content-Length", "x")]).is_none());
+        assert!(framing(Some(200), &[("Content-Length", "99999999999")]).is_none());
+        assert_eq!(framing(Some(200), &[]), Some(Framing::UntilClose));
+        // Requests: no framing header means no body; a non-chunked Transfer-Encoding is refused.
+        assert_eq!(framing(None, &[]), Some(Framing::None));
+        assert!(framing(None, &[("Transfer-Encoding", "gzip")]).is_none());
+    }
+}

@@ -95,9 +95,13 @@ impl Proxy {
         // The parts keep their extensions: hyper's record of the client's header-name case goes upstream too.
         parts.version = Version::HTTP_11;
         let body = Either::Left(Limited::new(body, self.body_limit as usize));
-        let mut response = self
+        let arm = tap::Arm {
+            repair,
+            capture: false,
+        };
+        let (mut response, _) = self
             .upstreams
-            .send(Request::from_parts(parts, body), repair)
+            .send(Request::from_parts(parts, body), arm)
             .await
             .map_err(|err| match err {
                 ProxyError::BodyTooLarge { .. } => ProxyError::BodyTooLarge {

@@ -14,13 +14,17 @@
 //!
 //! Interim (1xx) heads pass untouched; the final head is the one repaired. Bodies are never looked at. A head
 //! larger than [`MAX_HEAD`] or one that does not parse passes unchanged for hyper to judge.
+//!
+//! The tap can also keep a copy of the final head as it goes to hyper ([`Arm::capture`]): the idempotency
+//! engine stores it, so a replayed answer carries the header names in the server's case.
 
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::powerjob::AUTH_PASSED;
@@ -29,17 +33,52 @@ use crate::powerjob::AUTH_PASSED;
 pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers a repaired head may have; more pass unrepaired.
 const MAX_HEADERS: usize = 128;
+/// The header line the repair adds.
+const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
+
+/// What the tap does with the next response head.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Arm {
+    /// Apply the auth-header repair.
+    pub repair: bool,
+    /// Keep a copy of the final head for [`TapCtl::take_head`].
+    pub capture: bool,
+}
+
+impl Arm {
+    fn bits(self) -> u8 {
+        u8::from(self.repair) | u8::from(self.capture) << 1
+    }
+
+    fn from_bits(bits: u8) -> Arm {
+        Arm {
+            repair: bits & 1 != 0,
+            capture: bits & 2 != 0,
+        }
+    }
+}
 
 /// Shared between the pool, which arms the tap before sending a request, and the connection's IO.
 #[derive(Debug, Default)]
 pub struct TapCtl {
-    repair_next_head: AtomicBool,
+    /// [`Arm`] bits for the next response head; 0 lets it pass without a look.
+    next_head: AtomicU8,
+    /// The last captured head. A std `Mutex`: taken for a moment, never across an `.await`.
+    captured: Mutex<Option<Bytes>>,
 }
 
 impl TapCtl {
-    /// Whether the answer to the request about to be sent gets the repair.
-    pub fn arm(&self, repair: bool) {
-        self.repair_next_head.store(repair, Ordering::Release);
+    /// Sets what happens to the answer of the request about to be sent.
+    pub fn arm(&self, arm: Arm) {
+        self.next_head.store(arm.bits(), Ordering::Release);
+    }
+
+    /// The final head of the last answer, when the tap was armed to capture it and could read it.
+    pub fn take_head(&self) -> Option<Bytes> {
+        self.captured
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }
 
@@ -55,8 +94,8 @@ pub struct Tap<T> {
 enum ReadState {
     /// Bytes pass straight into hyper's buffer.
     Pass,
-    /// Collecting a response head to repair.
-    Head(Vec<u8>),
+    /// Collecting a response head to repair or capture.
+    Head(Vec<u8>, Arm),
     /// Handing over collected (and repaired) bytes; `Pass` after them.
     Drain { buf: Vec<u8>, at: usize },
 }
@@ -81,10 +120,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
         loop {
             match &mut this.read {
                 ReadState::Pass => {
-                    if !this.ctl.repair_next_head.swap(false, Ordering::AcqRel) {
+                    let arm = this.ctl.next_head.swap(0, Ordering::AcqRel);
+                    if arm == 0 {
                         return Pin::new(&mut this.io).poll_read(cx, out);
                     }
-                    this.read = ReadState::Head(Vec::with_capacity(1024));
+                    this.read = ReadState::Head(Vec::with_capacity(1024), Arm::from_bits(arm));
                 }
                 ReadState::Drain { buf, at } => {
                     let n = out.remaining().min(buf.len() - *at);
@@ -95,13 +135,18 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                ReadState::Head(buf) => {
+                ReadState::Head(buf, arm) => {
+                    let arm = *arm;
                     let mut chunk = [0u8; 4096];
                     let mut chunk = ReadBuf::new(&mut chunk);
                     ready!(Pin::new(&mut this.io).poll_read(cx, &mut chunk))?;
                     let eof = chunk.filled().is_empty();
                     buf.extend_from_slice(chunk.filled());
-                    if let Some(repaired) = repair(buf, eof) {
+                    if let Some((repaired, head)) = repair(buf, eof, arm.repair) {
+                        if arm.capture {
+                            let head = head.map(|range| Bytes::copy_from_slice(&repaired[range]));
+                            *this.ctl.captured.lock().unwrap_or_else(|p| p.into_inner()) = head;
+                        }
                         // Empty after end-of-stream: the drain then reports end-of-stream too.
                         this.read = ReadState::Drain {
                             buf: repaired,
@@ -114,8 +159,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for Tap<T> {
     }
 }
 
-/// Repairs the final head in `buf` once it is complete: `Some(bytes to hand over)`, or `None` to read more.
-fn repair(buf: &mut Vec<u8>, eof: bool) -> Option<Vec<u8>> {
+/// Repairs (when `fix_auth`) the final head in `buf` once it is complete: `Some((bytes to hand over, where the
+/// final head lies in them))`, or `None` to read more. The range is `None` when no final head could be read.
+fn repair(
+    buf: &mut Vec<u8>,
+    eof: bool,
+    fix_auth: bool,
+) -> Option<(Vec<u8>, Option<std::ops::Range<usize>>)> {
     let mut start = 0;
     loop {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -127,12 +177,20 @@ fn repair(buf: &mut Vec<u8>, eof: bool) -> Option<Vec<u8>> {
                     start += len;
                     continue;
                 }
-                let fix = (code == 200).then(|| auth_fix(head.headers, buf.as_ptr()));
-                return Some(apply(std::mem::take(buf), fix.flatten(), start + len));
+                let fix = (fix_auth && code == 200)
+                    .then(|| auth_fix(head.headers, buf.as_ptr()))
+                    .flatten();
+                let grown = if fix == Some(Fix::Add) {
+                    AUTH_LINE.len()
+                } else {
+                    0
+                };
+                let out = apply(std::mem::take(buf), fix, start + len);
+                return Some((out, Some(start..start + len + grown)));
             }
             Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_HEAD => return None,
             // Too large, malformed, or cut short: pass as it came.
-            _ => return Some(std::mem::take(buf)),
+            _ => return Some((std::mem::take(buf), None)),
         }
     }
 }
@@ -174,10 +232,9 @@ fn apply(mut buf: Vec<u8>, fix: Option<Fix>, head_end: usize) -> Vec<u8> {
             } else {
                 head_end - 1
             };
-            let line = b"X-POWERJOB-AUTH-PASSED: true\r\n";
-            let mut out = Vec::with_capacity(buf.len() + line.len());
+            let mut out = Vec::with_capacity(buf.len() + AUTH_LINE.len());
             out.extend_from_slice(&buf[..at]);
-            out.extend_from_slice(line);
+            out.extend_from_slice(AUTH_LINE);
             out.extend_from_slice(&buf[at..]);
             out
         }
@@ -221,10 +278,23 @@ mod tests {
 
     /// Feeds `wire` through an armed (or unarmed) tap in chunks of `step` bytes and returns what hyper would read.
     async fn through_tap(wire: &[u8], armed: bool, step: usize) -> Vec<u8> {
+        through_tap_capturing(
+            wire,
+            Arm {
+                repair: armed,
+                capture: false,
+            },
+            step,
+        )
+        .await
+        .0
+    }
+
+    async fn through_tap_capturing(wire: &[u8], arm: Arm, step: usize) -> (Vec<u8>, Option<Bytes>) {
         let (mut server, client) = tokio::io::duplex(64);
         let ctl = Arc::new(TapCtl::default());
-        ctl.arm(armed);
-        let mut tap = Tap::new(client, ctl);
+        ctl.arm(arm);
+        let mut tap = Tap::new(client, Arc::clone(&ctl));
         let wire = wire.to_vec();
         let writer = tokio::spawn(async move {
             for chunk in wire.chunks(step) {
@@ -234,7 +304,7 @@ mod tests {
         let mut out = Vec::new();
         tap.read_to_end(&mut out).await.unwrap();
         writer.await.unwrap();
-        out
+        (out, ctl.take_head())
     }
 
     const BODY: &str = "{\"success\":true,\"data\":754612332134400064,\"message\":null}";
@@ -311,5 +381,41 @@ mod tests {
             body.len()
         );
         assert_eq!(through_tap(wire.as_bytes(), true, 4).await, wire.as_bytes());
+    }
+
+    #[tokio::test]
+    async fn the_final_head_is_captured_as_handed_over() {
+        let wire = format!("HTTP/1.1 100 Continue\r\n\r\n{}", response("X-Case: A\r\n"));
+        let (out, head) = through_tap_capturing(
+            wire.as_bytes(),
+            Arm {
+                repair: true,
+                capture: true,
+            },
+            9,
+        )
+        .await;
+        let head = String::from_utf8(head.expect("captured").to_vec()).unwrap();
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n")
+                && head.ends_with("X-POWERJOB-AUTH-PASSED: true\r\n\r\n"),
+            "{head}"
+        );
+        assert!(String::from_utf8(out).unwrap().contains(&head));
+        let (_, head) = through_tap_capturing(
+            response("").as_bytes(),
+            Arm {
+                repair: false,
+                capture: true,
+            },
+            9,
+        )
+        .await;
+        assert!(
+            !String::from_utf8(head.unwrap().to_vec())
+                .unwrap()
+                .contains("AUTH"),
+            "capture alone repairs nothing"
+        );
     }
 }

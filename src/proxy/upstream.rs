@@ -26,7 +26,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use super::error::ProxyError;
-use super::tap::{Tap, TapCtl};
+use super::tap::{Arm, Tap, TapCtl};
 use crate::config::{Settings, UpstreamUrl};
 
 /// A forwarded request's body: the client's stream under the size limit, or bytes runonce already holds.
@@ -86,12 +86,13 @@ impl Upstreams {
         }
     }
 
-    /// Sends `request` (origin-form URI) to the first server that takes it; `repair` arms the auth-header repair.
+    /// Sends `request` (origin-form URI) to the first server that takes it. `arm` sets the tap for its answer:
+    /// the auth-header repair, and whether to hand back the answer's head as it reached hyper (for storing).
     pub async fn send(
         &self,
         mut request: Request<ForwardBody>,
-        repair: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        arm: Arm,
+    ) -> Result<(Response<Incoming>, Option<Bytes>), ProxyError> {
         let path = request
             .uri()
             .path_and_query()
@@ -106,7 +107,7 @@ impl Upstreams {
                 .send(
                     request,
                     &path,
-                    repair,
+                    arm,
                     self.connect_timeout,
                     self.response_timeout,
                 )
@@ -150,10 +151,10 @@ impl Upstream {
         self: &Arc<Self>,
         mut request: Request<ForwardBody>,
         path: &PathAndQuery,
-        repair: bool,
+        arm: Arm,
         connect_timeout: Duration,
         response_timeout: Duration,
-    ) -> Result<Response<Incoming>, Attempt> {
+    ) -> Result<(Response<Incoming>, Option<Bytes>), Attempt> {
         *request.uri_mut() = match self.uri(path) {
             Ok(uri) => uri,
             Err(cause) => return Err(Attempt::NotSent(Box::new(request), cause)),
@@ -173,11 +174,12 @@ impl Upstream {
                     Err(cause) => return Err(Attempt::NotSent(Box::new(request), cause)),
                 },
             };
-            ctl.arm(repair);
+            ctl.arm(arm);
             match tokio::time::timeout(response_timeout, send.try_send_request(request)).await {
                 Ok(Ok(response)) => {
+                    let head = if arm.capture { ctl.take_head() } else { None };
                     self.checkin_when_idle(send, ctl);
-                    return Ok(response);
+                    return Ok((response, head));
                 }
                 Ok(Err(mut err)) => match err.take_message() {
                     Some(back) if reused => request = back,

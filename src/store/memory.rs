@@ -1,0 +1,464 @@
+//! The embedded store: one process, bounded, records expire after their window.
+//!
+//! A `HashMap` of records and a `BTreeSet` ordered by expiry (the shape of mini-redis's `db.rs`), under one
+//! std `Mutex`: every operation is a few map operations, never held across an `.await`, so a blocking mutex is
+//! cheaper than an async one. Expired records are purged on each write, from the front of the expiry order,
+//! so no background task is needed and memory never grows past `max_keys` records.
+//!
+//! When full, a new claim evicts the settled record (done or unknown) closest to expiry; in-flight records are
+//! never evicted (that would let a duplicate through). Full of in-flight records, a claim fails with a
+//! `StoreError` and the route's store-error policy answers.
+//!
+//! Waiters sleep on a per-record `Notify`; every change wakes them under the lock, and [`MemoryStore::changed`]
+//! registers under the same lock, so no wake-up is lost.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{new_token, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+    max_keys: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    /// `(expires_at, key)` of every entry: the front is the next to expire.
+    expirations: BTreeSet<(Instant, Key)>,
+}
+
+struct Entry {
+    phase: Phase,
+    owner: String,
+    fingerprint: String,
+    fields: String,
+    created: Instant,
+    expires_at: Instant,
+    /// Woken on every change of this record.
+    notify: Arc<Notify>,
+}
+
+enum Phase {
+    InFlight { lease_until: Instant },
+    Done { response: Stored, delivered: bool },
+    Unknown,
+}
+
+impl MemoryStore {
+    pub fn new(max_keys: usize) -> MemoryStore {
+        MemoryStore {
+            inner: Mutex::new(Inner::default()),
+            max_keys: max_keys.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the maps consistent (every change is a few inserts/removes).
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Number of records held (expired ones not yet purged included).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(
+        &self,
+        inner: &mut Inner,
+        key: &Key,
+        info: &ClaimInfo,
+        now: Instant,
+    ) -> Result<Claim, StoreError> {
+        if inner.entries.len() >= self.max_keys && !inner.evict_one_settled() {
+            return Err(StoreError {
+                op: "claim",
+                cause: format!(
+                    "memory store full: {} records in flight",
+                    inner.entries.len()
+                ),
+            });
+        }
+        let token = new_token();
+        let expires_at = now + info.window.max(info.lease);
+        inner.expirations.insert((expires_at, key.clone()));
+        inner.entries.insert(
+            key.clone(),
+            Entry {
+                phase: Phase::InFlight {
+                    lease_until: now + info.lease,
+                },
+                owner: token.clone(),
+                fingerprint: info.fingerprint.clone(),
+                fields: info.fields.clone(),
+                created: now,
+                expires_at,
+                notify: Arc::new(Notify::new()),
+            },
+        );
+        Ok(Claim::Leader(token))
+    }
+}
+
+impl Store for MemoryStore {
+    async fn claim(&self, key: &Key, info: &ClaimInfo) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.purge_expired(now);
+        if let Some(entry) = inner.entries.get_mut(key) {
+            if entry.lease_ran_out(now) {
+                inner.settle(key, Phase::Unknown, now + info.window);
+            }
+            return Ok(Claim::Existing(inner.entries[key].record(now)));
+        }
+        self.insert(&mut inner, key, info, now)
+    }
+
+    async fn takeover(
+        &self,
+        key: &Key,
+        previous_owner: &str,
+        info: &ClaimInfo,
+    ) -> Result<Claim, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.purge_expired(now);
+        if let Some(entry) = inner.entries.get_mut(key) {
+            let replaceable = entry.owner == previous_owner
+                && matches!(
+                    entry.phase,
+                    Phase::Done {
+                        delivered: true,
+                        ..
+                    }
+                );
+            if !replaceable {
+                return Ok(Claim::Existing(entry.record(now)));
+            }
+            inner.remove(key);
+        }
+        self.insert(&mut inner, key, info, now)
+    }
+
+    async fn renew(&self, key: &Key, token: &str, lease: Duration) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        Ok(match inner.leader_entry(key, token, now) {
+            Some(entry) => {
+                entry.phase = Phase::InFlight {
+                    lease_until: now + lease,
+                };
+                // An in-flight record outlives its window while its leader runs: never expire under a live call.
+                let expires_at = entry.expires_at.max(now + lease);
+                inner.reschedule(key, expires_at);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: &str,
+        response: &Stored,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.leader_entry(key, token, now).is_none() {
+            return Ok(false);
+        }
+        inner.settle(
+            key,
+            Phase::Done {
+                response: response.clone(),
+                delivered: false,
+            },
+            now + window,
+        );
+        Ok(true)
+    }
+
+    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.leader_entry(key, token, now).is_none() {
+            return Ok(false);
+        }
+        inner.remove(key);
+        Ok(true)
+    }
+
+    async fn mark_unknown(
+        &self,
+        key: &Key,
+        token: &str,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.leader_entry(key, token, now).is_none() {
+            return Ok(false);
+        }
+        inner.settle(key, Phase::Unknown, now + window);
+        Ok(true)
+    }
+
+    async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        Ok(match inner.entries.get_mut(key) {
+            Some(Entry {
+                phase: Phase::Done { delivered, .. },
+                owner: o,
+                ..
+            }) if o == owner => {
+                *delivered = true;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        let now = Instant::now();
+        let inner = self.lock();
+        Ok(inner
+            .entries
+            .get(key)
+            .filter(|e| e.expires_at > now)
+            .map(|e| e.record(now)))
+    }
+
+    async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
+        Ok(self.lock().remove(key))
+    }
+
+    async fn changed(&self, key: &Key, poll: Duration) {
+        let notified = {
+            let inner = self.lock();
+            match inner.entries.get(key) {
+                Some(entry) if matches!(entry.phase, Phase::InFlight { .. }) => {
+                    let mut notified = Box::pin(Arc::clone(&entry.notify).notified_owned());
+                    // Registered under the lock that every change takes: a change after this wakes us.
+                    notified.as_mut().enable();
+                    notified
+                }
+                // Settled or gone: the caller's re-read sees the change now.
+                _ => return,
+            }
+        };
+        let _ = tokio::time::timeout(poll, notified).await;
+    }
+}
+
+impl Inner {
+    fn purge_expired(&mut self, now: Instant) {
+        while let Some((at, key)) = self.expirations.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.remove(&key);
+        }
+    }
+
+    /// The entry when `token` leads it and its lease still holds.
+    fn leader_entry(&mut self, key: &Key, token: &str, now: Instant) -> Option<&mut Entry> {
+        self.entries.get_mut(key).filter(|e| {
+            e.owner == token
+                && matches!(e.phase, Phase::InFlight { lease_until } if lease_until >= now)
+        })
+    }
+
+    /// Moves a record to a settled phase with a new expiry, and wakes its waiters.
+    fn settle(&mut self, key: &Key, phase: Phase, expires_at: Instant) {
+        self.reschedule(key, expires_at);
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.phase = phase;
+            entry.notify.notify_waiters();
+        }
+    }
+
+    fn reschedule(&mut self, key: &Key, expires_at: Instant) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            self.expirations.remove(&(entry.expires_at, key.clone()));
+            self.expirations.insert((expires_at, key.clone()));
+            entry.expires_at = expires_at;
+        }
+    }
+
+    fn remove(&mut self, key: &Key) -> bool {
+        match self.entries.remove(key) {
+            Some(entry) => {
+                self.expirations.remove(&(entry.expires_at, key.clone()));
+                entry.notify.notify_waiters();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Evicts the settled record closest to expiry; `false` when every record is in flight.
+    fn evict_one_settled(&mut self) -> bool {
+        let victim = self
+            .expirations
+            .iter()
+            .find(|(_, key)| {
+                self.entries
+                    .get(key)
+                    .is_some_and(|e| !matches!(e.phase, Phase::InFlight { .. }))
+            })
+            .map(|(_, key)| key.clone());
+        match victim {
+            Some(key) => self.remove(&key),
+            None => false,
+        }
+    }
+}
+
+impl Entry {
+    /// An in-flight record whose lease ran out: its leader died or stalled mid-call.
+    fn lease_ran_out(&self, now: Instant) -> bool {
+        matches!(self.phase, Phase::InFlight { lease_until } if lease_until < now)
+    }
+
+    fn record(&self, now: Instant) -> Record {
+        let state = match &self.phase {
+            Phase::InFlight { lease_until } if *lease_until < now => State::Unknown,
+            Phase::InFlight { .. } => State::InFlight,
+            Phase::Done {
+                response,
+                delivered,
+            } => State::Done {
+                response: response.clone(),
+                delivered: *delivered,
+            },
+            Phase::Unknown => State::Unknown,
+        };
+        Record {
+            state,
+            owner: self.owner.clone(),
+            fingerprint: self.fingerprint.clone(),
+            fields: self.fields.clone(),
+            age_ms: now.saturating_duration_since(self.created).as_millis() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key(n: u8) -> Key {
+        Key::from_digest(&[n; 32])
+    }
+
+    fn info(window_ms: u64) -> ClaimInfo {
+        ClaimInfo {
+            fingerprint: "fp".into(),
+            fields: "{}".into(),
+            lease: Duration::from_secs(5),
+            window: Duration::from_millis(window_ms),
+        }
+    }
+
+    fn answer() -> Stored {
+        Stored {
+            status: 200,
+            head: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"),
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_evicts_the_settled_record_closest_to_expiry_never_one_in_flight() {
+        let store = MemoryStore::new(2);
+        let Claim::Leader(a) = store.claim(&key(1), &info(10_000)).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&key(1), &a, &answer(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let Claim::Leader(_) = store.claim(&key(2), &info(10_000)).await.unwrap() else {
+            panic!()
+        };
+        // Full: key 1 (done) goes to make room for key 3.
+        assert!(matches!(
+            store.claim(&key(3), &info(10_000)).await.unwrap(),
+            Claim::Leader(_)
+        ));
+        assert_eq!(store.get(&key(1)).await.unwrap(), None);
+        assert_eq!(store.len(), 2);
+        // Full of in-flight records: refused, not evicted.
+        let err = store.claim(&key(4), &info(10_000)).await.unwrap_err();
+        assert!(err.cause.contains("full"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_records_are_purged_on_write() {
+        let store = MemoryStore::new(100);
+        for n in 0..50 {
+            let Claim::Leader(token) = store.claim(&key(n), &info(1_000)).await.unwrap() else {
+                panic!()
+            };
+            store
+                .complete(&key(n), &token, &answer(), Duration::from_secs(1))
+                .await
+                .unwrap();
+        }
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        store.claim(&key(200), &info(1_000)).await.unwrap();
+        assert_eq!(store.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_in_flight_record_outlives_its_window_while_its_lease_is_renewed() {
+        let store = MemoryStore::new(10);
+        let mut claim = info(1_000);
+        claim.lease = Duration::from_secs(3);
+        let Claim::Leader(token) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!()
+        };
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert!(store.renew(&key(1), &token, claim.lease).await.unwrap());
+        }
+        // Four seconds in, past the 1 s window: a duplicate still finds the call in flight.
+        let Claim::Existing(record) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(record.state, State::InFlight);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_that_runs_out_turns_the_record_unknown_and_fences_its_leader() {
+        let store = MemoryStore::new(10);
+        let mut claim = info(60_000);
+        claim.lease = Duration::from_millis(200);
+        let Claim::Leader(token) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!()
+        };
+        tokio::time::advance(Duration::from_millis(300)).await;
+        let Claim::Existing(record) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(record.state, State::Unknown);
+        assert!(!store
+            .complete(&key(1), &token, &answer(), Duration::from_secs(60))
+            .await
+            .unwrap());
+    }
+}

@@ -1,0 +1,319 @@
+//! Where the state of every guarded key lives: one record per key, changed only by fenced operations.
+//!
+//! A record is created by the request that claims its key (the **leader**), and carries the leader's owner
+//! token. Every later change (renew, complete, release, mark unknown, mark delivered) names that token and is
+//! refused when the record belongs to someone else: a leader whose lease ran out, or whose record was purged
+//! and claimed anew, can no longer write (fencing).
+//!
+//! States:
+//! - `InFlight`: the leader's upstream call is running; its lease is renewed while it runs. A claim that finds
+//!   the lease run out turns the record `Unknown` (the leader's proxy died mid-call: the server may have acted).
+//! - `Done`: a definite answer is stored for the window, with whether a client received it in full.
+//! - `Unknown`: the request may have had an effect but no answer is known; never re-run automatically.
+//!
+//! Implementations: [`memory`] (one process, bounded, TTL) and [`redis`] (shared by replicas; Lua scripts on
+//! one hash per key in one hash slot). [`Store`] picks one by configuration; both have the same methods.
+
+pub mod memory;
+pub mod redis;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+/// A guarded key: 64 lowercase hex characters (SHA-256), safe in Redis keys and URLs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
+
+impl Key {
+    /// Accepts exactly 64 lowercase hex characters.
+    pub fn parse(text: &str) -> Option<Key> {
+        (text.len() == 64
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+        .then(|| Key(text.to_string()))
+    }
+
+    pub(crate) fn from_digest(digest: &[u8]) -> Key {
+        Key(hex(digest))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The first characters, for logs.
+    pub fn prefix(&self) -> &str {
+        &self.0[..12]
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Lowercase hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
+/// A stored answer, replayed as it came: the head's bytes keep the header names' case.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stored {
+    pub status: u16,
+    /// The response head as the upstream sent it (after the auth-header repair), from the status line to the
+    /// blank line that ends it.
+    pub head: Bytes,
+    pub body: Bytes,
+}
+
+/// The state of a record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum State {
+    InFlight,
+    Done { response: Stored, delivered: bool },
+    Unknown,
+}
+
+/// A record as read from the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub state: State,
+    /// The owner token of the leader that created the record.
+    pub owner: String,
+    /// Fingerprint of the request's payload (for `Idempotency-Key` records: to detect a different payload).
+    pub fingerprint: String,
+    /// The payload's fields as `{"name":"digest",…}` JSON, to name the fields that differ on a mismatch.
+    pub fields: String,
+    /// Milliseconds since the record was created.
+    pub age_ms: u64,
+}
+
+/// What a claim needs besides the key.
+#[derive(Clone, Debug)]
+pub struct ClaimInfo {
+    pub fingerprint: String,
+    pub fields: String,
+    /// How long the leader may hold the key without renewing.
+    pub lease: Duration,
+    /// How long the record lives (the route's window); kept for this long from the claim, and again from completion.
+    pub window: Duration,
+}
+
+/// The answer to a claim.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Claim {
+    /// The key was free: the caller is the leader and holds this owner token.
+    Leader(String),
+    /// The key was taken; here is its record (an `InFlight` record whose lease ran out comes back `Unknown`).
+    Existing(Record),
+}
+
+/// A store operation failed: the store could not be reached or answered something unexpected.
+#[derive(Debug, thiserror::Error)]
+#[error("store {op}: {cause}")]
+pub struct StoreError {
+    pub op: &'static str,
+    pub cause: String,
+}
+
+/// What every store does. Each change names the leader's owner token and is refused (`Ok(false)`) when the
+/// record is no longer that leader's: the fencing that keeps a leader whose lease ran out from writing.
+///
+/// Two implementations, [`memory::MemoryStore`] and [`redis::RedisStore`]; [`AnyStore`] holds the configured one.
+pub trait Store: Send + Sync {
+    /// Claims `key`: `Leader(token)` when free (or expired), else the record that holds it.
+    fn claim(
+        &self,
+        key: &Key,
+        info: &ClaimInfo,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Replaces a `Done` record created by `previous_owner` whose answer was delivered with a new claim (a new
+    /// call with the same payload). Anything else: `Existing` with the record as it is now.
+    fn takeover(
+        &self,
+        key: &Key,
+        previous_owner: &str,
+        info: &ClaimInfo,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Extends the leader's lease.
+    fn renew(
+        &self,
+        key: &Key,
+        token: &str,
+        lease: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Stores the definite answer for `window` from now.
+    fn complete(
+        &self,
+        key: &Key,
+        token: &str,
+        response: &Stored,
+        window: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Deletes the record (nothing was created): the next duplicate runs.
+    fn release(
+        &self,
+        key: &Key,
+        token: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The outcome cannot be known: kept as `Unknown` for `window` from now.
+    fn mark_unknown(
+        &self,
+        key: &Key,
+        token: &str,
+        window: Duration,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A client received the answer of the `Done` record created by `owner` in full.
+    fn mark_delivered(
+        &self,
+        key: &Key,
+        owner: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Deletes the record whatever its state (operators: to release an `Unknown`).
+    fn purge(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Resolves when the record of `key` may have changed, or after `poll` at the latest (the fallback when a
+    /// wake-up is lost). Callers re-read the record after it.
+    fn changed(&self, key: &Key, poll: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// The configured store. An enum rather than a trait object (async trait methods are not object safe); a
+/// match costs nothing.
+#[derive(Clone)]
+pub enum AnyStore {
+    Memory(std::sync::Arc<memory::MemoryStore>),
+    Redis(redis::RedisStore),
+}
+
+macro_rules! each {
+    ($self:ident, $s:ident => $call:expr) => {
+        match $self {
+            AnyStore::Memory($s) => $call,
+            AnyStore::Redis($s) => $call,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn claim(&self, key: &Key, info: &ClaimInfo) -> Result<Claim, StoreError> {
+        each!(self, s => s.claim(key, info).await)
+    }
+
+    async fn takeover(
+        &self,
+        key: &Key,
+        previous_owner: &str,
+        info: &ClaimInfo,
+    ) -> Result<Claim, StoreError> {
+        each!(self, s => s.takeover(key, previous_owner, info).await)
+    }
+
+    async fn renew(&self, key: &Key, token: &str, lease: Duration) -> Result<bool, StoreError> {
+        each!(self, s => s.renew(key, token, lease).await)
+    }
+
+    async fn complete(
+        &self,
+        key: &Key,
+        token: &str,
+        response: &Stored,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.complete(key, token, response, window).await)
+    }
+
+    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.release(key, token).await)
+    }
+
+    async fn mark_unknown(
+        &self,
+        key: &Key,
+        token: &str,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.mark_unknown(key, token, window).await)
+    }
+
+    async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.mark_delivered(key, owner).await)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        each!(self, s => s.get(key).await)
+    }
+
+    async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
+        each!(self, s => s.purge(key).await)
+    }
+
+    async fn changed(&self, key: &Key, poll: Duration) {
+        each!(self, s => s.changed(key, poll).await)
+    }
+}
+
+/// A fresh owner token: unique across processes (random per process, then a counter).
+pub fn new_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        );
+        hasher.write_u32(std::process::id());
+        hasher.finish()
+    });
+    format!(
+        "{seed:016x}{:016x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_64_lowercase_hex() {
+        let key = Key::from_digest(&[0xab; 32]);
+        assert_eq!(key.as_str().len(), 64);
+        assert_eq!(Key::parse(key.as_str()), Some(key.clone()));
+        assert_eq!(Key::parse(&key.as_str().to_uppercase()), None);
+        assert_eq!(Key::parse("abc"), None);
+        assert_eq!(key.prefix(), "abababababab");
+    }
+
+    #[test]
+    fn tokens_are_unique() {
+        let a = new_token();
+        let b = new_token();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+    }
+}

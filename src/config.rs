@@ -164,6 +164,13 @@ settings! {
 /// Keys whose value is a list: several flags, or a comma-separated variable.
 const LIST_KEYS: &[&str] = &["upstreams"];
 
+/// Every key at its default (no upstream: not valid for `serve` as it is; a base for tests and the demo).
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings::from_layer(Layer::default())
+    }
+}
+
 impl Settings {
     /// Layers the file (if any), the environment (through `env`) and the flags over the defaults, then validates.
     pub fn load(

@@ -8,6 +8,8 @@
 //! - [`proxy`]: the request's way: classify, forward as a stream ([`proxy::upstream`] pool and failover,
 //!   [`proxy::tap`] auth-header repair on the upstream bytes, [`proxy::headers`] rules), and the one
 //!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
+//! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome.
+//! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
 //!   ([`powerjob::client`]).
@@ -18,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod demo;
+pub mod guard;
 pub mod powerjob;
 pub mod proxy;
 pub mod rawhttp;

@@ -55,7 +55,10 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let proxy = Arc::new(Proxy::new(&settings));
+    let store = crate::store::open(&settings)
+        .await
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, format!("store: {err}")))?;
+    let proxy = Arc::new(Proxy::new(&settings, store));
     let (stop, stopped) = watch::channel(false);
     let admin = tokio::spawn(admin::serve(
         listeners.admin,

@@ -52,8 +52,13 @@ pub fn payload(
     if kind.starts_with("application/x-www-form-urlencoded") {
         fields.extend(form_fields_bytes(body));
     } else if !body.is_empty() {
-        match (kind.contains("json")).then(|| serde_json::from_slice::<Value>(body)).and_then(Result::ok) {
-            Some(Value::Object(members)) => fields.extend(members.into_iter().map(|(k, v)| (k, canonical_json(&v)))),
+        match (kind.contains("json"))
+            .then(|| serde_json::from_slice::<Value>(body))
+            .and_then(Result::ok)
+        {
+            Some(Value::Object(members)) => {
+                fields.extend(members.into_iter().map(|(k, v)| (k, canonical_json(&v))))
+            }
             Some(other) => fields.push((String::new(), canonical_json(&other))),
             None => fields.push(("\u{0}body".to_string(), hex(&Sha256::digest(body)))),
         }
@@ -61,7 +66,12 @@ pub fn payload(
     let principal = app_header
         .filter(|v| powerjob::header_present(v))
         .map(str::to_string)
-        .or_else(|| fields.iter().find(|(k, _)| k == "appId").map(|(_, v)| v.trim_matches('"').to_string()))
+        .or_else(|| {
+            fields
+                .iter()
+                .find(|(k, _)| k == "appId")
+                .map(|(_, v)| v.trim_matches('"').to_string())
+        })
         .unwrap_or_default();
     fields.retain(|(name, _)| name != "appId");
     for (name, default) in defaults(route) {
@@ -120,7 +130,9 @@ pub fn field_digests(payload: &Payload) -> String {
     let mut map = serde_json::Map::new();
     for (name, value) in &payload.fields {
         let digest = hex(&Sha256::digest(value.as_bytes()));
-        let entry = map.entry(name.clone()).or_insert_with(|| Value::String(String::new()));
+        let entry = map
+            .entry(name.clone())
+            .or_insert_with(|| Value::String(String::new()));
         // Repeated names: digest of the digests, in order.
         let joined = format!("{}{}", entry.as_str().unwrap_or(""), &digest[..16]);
         *entry = Value::String(joined);
@@ -130,10 +142,15 @@ pub fn field_digests(payload: &Payload) -> String {
 
 /// The names whose digests differ between two `field_digests` values, sorted.
 pub fn differing_fields(stored: &str, now: &str) -> Vec<String> {
-    let parse = |s: &str| serde_json::from_str::<serde_json::Map<String, Value>>(s).unwrap_or_default();
+    let parse =
+        |s: &str| serde_json::from_str::<serde_json::Map<String, Value>>(s).unwrap_or_default();
     let (a, b) = (parse(stored), parse(now));
-    let mut names: Vec<String> =
-        a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).map(|k| k.to_string()).collect();
+    let mut names: Vec<String> = a
+        .keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| k.to_string())
+        .collect();
     names.sort();
     names.dedup();
     names
@@ -149,7 +166,9 @@ fn form_fields(text: &str) -> Vec<(String, String)> {
 }
 
 fn form_fields_bytes(bytes: &[u8]) -> Vec<(String, String)> {
-    form_urlencoded::parse(bytes).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+    form_urlencoded::parse(bytes)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 /// Compact JSON with object keys sorted (serde_json's map is ordered by key without `preserve_order`).
@@ -164,23 +183,42 @@ mod tests {
     const FORM: Option<&str> = Some("application/x-www-form-urlencoded");
 
     fn run_job(body: &str, app_header: Option<&str>) -> Key {
-        fingerprint("POST", "runJob", &payload("runJob", FORM, None, body.as_bytes(), app_header, None))
+        fingerprint(
+            "POST",
+            "runJob",
+            &payload("runJob", FORM, None, body.as_bytes(), app_header, None),
+        )
     }
 
     #[test]
     fn okhttp_encodings_and_field_order_do_not_change_the_key() {
         // OkHttp encodes a space as %20; a browser form would use +. Spring decodes both to a space.
-        let okhttp = run_job("jobId=5&delay=0&appId=1&instanceParams=%7B%22k%22%3A%22v%20w%22%7D", None);
-        let plus = run_job("appId=1&instanceParams=%7B%22k%22:%22v+w%22%7D&jobId=5&delay=0", None);
+        let okhttp = run_job(
+            "jobId=5&delay=0&appId=1&instanceParams=%7B%22k%22%3A%22v%20w%22%7D",
+            None,
+        );
+        let plus = run_job(
+            "appId=1&instanceParams=%7B%22k%22:%22v+w%22%7D&jobId=5&delay=0",
+            None,
+        );
         assert_eq!(okhttp, plus);
-        let other = run_job("jobId=5&delay=0&appId=1&instanceParams=%7B%22k%22%3A%22v%2Bw%22%7D", None);
+        let other = run_job(
+            "jobId=5&delay=0&appId=1&instanceParams=%7B%22k%22%3A%22v%2Bw%22%7D",
+            None,
+        );
         assert_ne!(okhttp, other, "%2B is a literal +, not a space");
     }
 
     #[test]
     fn missing_fields_equal_their_defaults() {
-        assert_eq!(run_job("jobId=5&appId=1", None), run_job("jobId=5&delay=0&appId=1&instanceParams=", None));
-        assert_ne!(run_job("jobId=5&appId=1", None), run_job("jobId=5&delay=1000&appId=1", None));
+        assert_eq!(
+            run_job("jobId=5&appId=1", None),
+            run_job("jobId=5&delay=0&appId=1&instanceParams=", None)
+        );
+        assert_ne!(
+            run_job("jobId=5&appId=1", None),
+            run_job("jobId=5&delay=1000&appId=1", None)
+        );
     }
 
     #[test]
@@ -190,29 +228,55 @@ mod tests {
         assert_eq!(header, field);
         assert_eq!(header, run_job("jobId=5&delay=0&appId=1", Some("1")));
         assert_ne!(header, run_job("jobId=5&delay=0&appId=2", None));
-        assert_eq!(run_job("jobId=5&appId=1", Some("null")), field, "`null` counts as absent");
+        assert_eq!(
+            run_job("jobId=5&appId=1", Some("null")),
+            field,
+            "`null` counts as absent"
+        );
     }
 
     #[test]
     fn different_jobs_params_and_delays_differ() {
         let base = run_job("jobId=5&delay=0&appId=1", None);
-        for other in ["jobId=6&delay=0&appId=1", "jobId=5&delay=1&appId=1", "jobId=5&delay=0&appId=1&instanceParams=x"] {
+        for other in [
+            "jobId=6&delay=0&appId=1",
+            "jobId=5&delay=1&appId=1",
+            "jobId=5&delay=0&appId=1&instanceParams=x",
+        ] {
             assert_ne!(base, run_job(other, None), "{other}");
         }
     }
 
     #[test]
     fn field_boundaries_cannot_be_shifted() {
-        assert_ne!(run_job("jobId=5&instanceParams=a%26delay%3D1&appId=1", None), run_job("jobId=5&instanceParams=a&delay=1&appId=1", None));
+        assert_ne!(
+            run_job("jobId=5&instanceParams=a%26delay%3D1&appId=1", None),
+            run_job("jobId=5&instanceParams=a&delay=1&appId=1", None)
+        );
     }
 
     #[test]
     fn json_is_canonical_and_int64_exact() {
         let json = Some("application/json; charset=utf-8");
-        let fp = |body: &str| fingerprint("POST", "saveJob", &payload("saveJob", json, None, body.as_bytes(), None, None));
-        assert_eq!(fp(r#"{"appId":1,"jobName":"a","extra":{"y":1,"x":2}}"#), fp(r#"{ "extra": {"x":2, "y":1}, "jobName":"a", "appId":1 }"#));
-        assert_ne!(fp(r#"{"appId":1,"n":754612332134400064}"#), fp(r#"{"appId":1,"n":754612332134400065}"#));
-        assert_ne!(fp(r#"{"appId":1,"jobName":"a"}"#), fp(r#"{"appId":2,"jobName":"a"}"#));
+        let fp = |body: &str| {
+            fingerprint(
+                "POST",
+                "saveJob",
+                &payload("saveJob", json, None, body.as_bytes(), None, None),
+            )
+        };
+        assert_eq!(
+            fp(r#"{"appId":1,"jobName":"a","extra":{"y":1,"x":2}}"#),
+            fp(r#"{ "extra": {"x":2, "y":1}, "jobName":"a", "appId":1 }"#)
+        );
+        assert_ne!(
+            fp(r#"{"appId":1,"n":754612332134400064}"#),
+            fp(r#"{"appId":1,"n":754612332134400065}"#)
+        );
+        assert_ne!(
+            fp(r#"{"appId":1,"jobName":"a"}"#),
+            fp(r#"{"appId":2,"jobName":"a"}"#)
+        );
     }
 
     #[test]
@@ -222,17 +286,43 @@ mod tests {
         let p = payload("saveJob", json, None, deep.as_bytes(), None, None);
         assert_eq!(p.fields.len(), 1);
         let garbage = payload("saveJob", json, None, b"\xff\xfe not json", None, None);
-        assert_ne!(fingerprint("POST", "saveJob", &p), fingerprint("POST", "saveJob", &garbage));
+        assert_ne!(
+            fingerprint("POST", "saveJob", &p),
+            fingerprint("POST", "saveJob", &garbage)
+        );
         let bad_form = payload("runJob", FORM, None, b"jobId=%zz&appId=%ff", None, None);
-        assert!(bad_form.fields.iter().any(|(k, v)| k == "jobId" && v == "%zz"), "{bad_form:?}");
+        assert!(
+            bad_form
+                .fields
+                .iter()
+                .any(|(k, v)| k == "jobId" && v == "%zz"),
+            "{bad_form:?}"
+        );
     }
 
     #[test]
     fn selected_fields_and_query_parameters() {
         let only = vec!["jobId".to_string()];
-        let a = payload("runJob", FORM, None, b"jobId=5&delay=0&appId=1", None, Some(&only));
-        let b = payload("runJob", FORM, None, b"jobId=5&delay=99&appId=1", None, Some(&only));
-        assert_eq!(fingerprint("POST", "runJob", &a), fingerprint("POST", "runJob", &b));
+        let a = payload(
+            "runJob",
+            FORM,
+            None,
+            b"jobId=5&delay=0&appId=1",
+            None,
+            Some(&only),
+        );
+        let b = payload(
+            "runJob",
+            FORM,
+            None,
+            b"jobId=5&delay=99&appId=1",
+            None,
+            Some(&only),
+        );
+        assert_eq!(
+            fingerprint("POST", "runJob", &a),
+            fingerprint("POST", "runJob", &b)
+        );
         let query = payload("runJob", None, Some("jobId=5&appId=1"), b"", None, None);
         assert_eq!(query.principal, "1");
         assert!(query.fields.contains(&("jobId".into(), "5".into())));
@@ -241,8 +331,18 @@ mod tests {
     #[test]
     fn differing_fields_are_named() {
         let a = payload("runJob", FORM, None, b"jobId=5&delay=0&appId=1", None, None);
-        let b = payload("runJob", FORM, None, b"jobId=6&delay=0&appId=1&instanceParams=x", None, None);
-        assert_eq!(differing_fields(&field_digests(&a), &field_digests(&b)), vec!["instanceParams", "jobId"]);
+        let b = payload(
+            "runJob",
+            FORM,
+            None,
+            b"jobId=6&delay=0&appId=1&instanceParams=x",
+            None,
+            None,
+        );
+        assert_eq!(
+            differing_fields(&field_digests(&a), &field_digests(&b)),
+            vec!["instanceParams", "jobId"]
+        );
         assert!(differing_fields(&field_digests(&a), &field_digests(&a)).is_empty());
     }
 
@@ -257,8 +357,17 @@ mod tests {
 
     #[test]
     fn idempotency_keys_are_scoped_to_principal_and_route() {
-        assert_ne!(idempotency_key("runJob", "1", "k"), idempotency_key("runJob", "2", "k"));
-        assert_ne!(idempotency_key("runJob", "1", "k"), idempotency_key("runWorkflow", "1", "k"));
-        assert_eq!(idempotency_key("runJob", "1", "k"), idempotency_key("runJob", "1", "k"));
+        assert_ne!(
+            idempotency_key("runJob", "1", "k"),
+            idempotency_key("runJob", "2", "k")
+        );
+        assert_ne!(
+            idempotency_key("runJob", "1", "k"),
+            idempotency_key("runWorkflow", "1", "k")
+        );
+        assert_eq!(
+            idempotency_key("runJob", "1", "k"),
+            idempotency_key("runJob", "1", "k")
+        );
     }
 }

@@ -32,15 +32,26 @@ impl Outcome {
     }
 }
 
-pub fn classify(status: u16, headers: &HeaderMap, body: &[u8], keep_business_errors: bool) -> Outcome {
+pub fn classify(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+    keep_business_errors: bool,
+) -> Outcome {
     if !(200..300).contains(&status) {
         return Outcome::Release("the server answered with an error status");
     }
-    let refused = headers.get(AUTH_PASSED).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
+    let refused = headers
+        .get(AUTH_PASSED)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("false"));
     if refused {
         return Outcome::Release("the server refused the credentials");
     }
-    match serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v.get("success")?.as_bool()) {
+    match serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v.get("success")?.as_bool())
+    {
         Some(true) => Outcome::Done,
         Some(false) if keep_business_errors => Outcome::Done,
         Some(false) => Outcome::Release("the server answered success:false"),
@@ -60,18 +71,40 @@ mod tests {
     }
 
     const OK: &[u8] = br#"{"success":true,"data":754612332134400064,"message":null}"#;
-    const FAILED: &[u8] = br#"{"success":false,"data":null,"message":"IllegalArgumentException: x"}"#;
+    const FAILED: &[u8] =
+        br#"{"success":false,"data":null,"message":"IllegalArgumentException: x"}"#;
 
     #[test]
     fn the_outcome_table() {
         assert_eq!(classify(200, &HeaderMap::new(), OK, false), Outcome::Done);
         assert_eq!(classify(200, &auth("true"), OK, false), Outcome::Done);
-        assert!(matches!(classify(200, &auth("false"), FAILED, false), Outcome::Release(_)));
-        assert!(matches!(classify(200, &auth("FALSE"), OK, false), Outcome::Release(_)));
-        assert!(matches!(classify(200, &HeaderMap::new(), FAILED, false), Outcome::Release(_)));
-        assert_eq!(classify(200, &HeaderMap::new(), FAILED, true), Outcome::Done);
-        assert!(matches!(classify(500, &HeaderMap::new(), OK, false), Outcome::Release(_)));
-        assert!(matches!(classify(404, &HeaderMap::new(), b"", false), Outcome::Release(_)));
-        assert!(matches!(classify(200, &HeaderMap::new(), b"<html>", false), Outcome::Unknown(_)));
+        assert!(matches!(
+            classify(200, &auth("false"), FAILED, false),
+            Outcome::Release(_)
+        ));
+        assert!(matches!(
+            classify(200, &auth("FALSE"), OK, false),
+            Outcome::Release(_)
+        ));
+        assert!(matches!(
+            classify(200, &HeaderMap::new(), FAILED, false),
+            Outcome::Release(_)
+        ));
+        assert_eq!(
+            classify(200, &HeaderMap::new(), FAILED, true),
+            Outcome::Done
+        );
+        assert!(matches!(
+            classify(500, &HeaderMap::new(), OK, false),
+            Outcome::Release(_)
+        ));
+        assert!(matches!(
+            classify(404, &HeaderMap::new(), b"", false),
+            Outcome::Release(_)
+        ));
+        assert!(matches!(
+            classify(200, &HeaderMap::new(), b"<html>", false),
+            Outcome::Unknown(_)
+        ));
     }
 }

@@ -16,6 +16,9 @@ pub const APP_ID: &str = "X-POWERJOB-APP-ID";
 /// Request header carrying the token obtained from `/authApp`.
 pub const ACCESS_TOKEN: &str = "X-POWERJOB-ACCESS-TOKEN";
 
+/// The endpoint that issues tokens; the 5.1.0 client calls it right before its duplicate re-send.
+pub const AUTH_APP: &str = "authApp";
+
 /// The OpenAPI base path; the client puts whatever prefix its address carries before it.
 pub const WEB_PATH: &str = "/openApi";
 

@@ -7,7 +7,6 @@
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::Full;
 use std::time::Duration;
 
 use crate::powerjob;
@@ -35,6 +34,21 @@ pub enum ProxyError {
     /// The connection failed after the request was sent. Not retried, for the same reason.
     #[error("upstream {upstream} failed after the request was sent ({cause}); the request is not re-sent because the server may have acted on it")]
     Broken { upstream: String, cause: String },
+    /// The `Idempotency-Key` header is malformed.
+    #[error("bad Idempotency-Key header: {reason}")]
+    BadIdempotencyKey { reason: String },
+    /// The same `Idempotency-Key` came with another payload.
+    #[error("this Idempotency-Key was used for another request; fields that differ: {}", fields.join(", "))]
+    KeyReused { fields: Vec<String> },
+    /// An identical call may have created something, and its answer is not known: never re-sent.
+    #[error("an identical request may already have taken effect and its outcome is unknown; it is not sent again (check the server, then retry after the window or purge the key)")]
+    OutcomeUnknown { retry_after: Duration },
+    /// An identical call is still running after the wait deadline.
+    #[error("an identical request is still running after {waited:?}; retry later")]
+    StillRunning { waited: Duration },
+    /// The store could not be used and the route is `fail-closed`: nothing was forwarded.
+    #[error("the idempotency store is unavailable, so the request was not forwarded ({cause})")]
+    StoreUnavailable { cause: String },
 }
 
 impl ProxyError {
@@ -46,6 +60,12 @@ impl ProxyError {
             ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
             ProxyError::Unreachable { .. } | ProxyError::Broken { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadIdempotencyKey { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::KeyReused { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ProxyError::OutcomeUnknown { .. } | ProxyError::StillRunning { .. } => {
+                StatusCode::CONFLICT
+            }
+            ProxyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -59,6 +79,22 @@ impl ProxyError {
             ProxyError::Unreachable { .. } => "RUNONCE_UPSTREAM_UNREACHABLE",
             ProxyError::Timeout { .. } => "RUNONCE_UPSTREAM_TIMEOUT",
             ProxyError::Broken { .. } => "RUNONCE_UPSTREAM_BROKEN",
+            ProxyError::BadIdempotencyKey { .. } => "RUNONCE_BAD_IDEMPOTENCY_KEY",
+            ProxyError::KeyReused { .. } => "RUNONCE_IDEMPOTENCY_KEY_REUSED",
+            ProxyError::OutcomeUnknown { .. } => "RUNONCE_OUTCOME_UNKNOWN",
+            ProxyError::StillRunning { .. } => "RUNONCE_IN_FLIGHT",
+            ProxyError::StoreUnavailable { .. } => "RUNONCE_STORE_UNAVAILABLE",
+        }
+    }
+
+    /// When the client may try again (`Retry-After`), for refusals that pass.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::OutcomeUnknown { retry_after } => Some(*retry_after),
+            ProxyError::StillRunning { .. } | ProxyError::StoreUnavailable { .. } => {
+                Some(Duration::from_secs(1))
+            }
+            _ => None,
         }
     }
 
@@ -69,25 +105,37 @@ impl ProxyError {
 }
 
 /// The client's answer to `err`, with one log line.
-pub fn rescue(err: &ProxyError, method: &http::Method, path: &str) -> Response<Full<Bytes>> {
+pub fn rescue<B: From<Bytes>>(err: &ProxyError, method: &http::Method, path: &str) -> Response<B> {
     let status = err.status();
     if status.is_server_error() {
         tracing::warn!(%method, path, status = status.as_u16(), code = err.code(), sent = err.sent(), cause = %err, "request failed");
     } else {
         tracing::info!(%method, path, status = status.as_u16(), code = err.code(), cause = %err, "request refused");
     }
-    error_response(status, err.code(), &err.to_string())
+    let mut response = error_response(status, err.code(), &err.to_string());
+    if let Some(after) = err.retry_after() {
+        // Whole seconds, at least one.
+        let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+    }
+    response
 }
 
 /// A PowerJob-shaped error answer: `{"success":false,"data":null,"message":"runonce: …","code":"…"}`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub fn error_response<B: From<Bytes>>(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+) -> Response<B> {
     let body = powerjob::result_json(
         false,
         serde_json::Value::Null,
         Some(&format!("runonce: {message}")),
         Some(code),
     );
-    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let mut response = Response::new(B::from(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -99,7 +147,7 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::BodyExt;
+    use http_body_util::{BodyExt, Full};
 
     #[tokio::test]
     async fn rescue_answers_with_a_powerjob_shaped_body() {
@@ -108,7 +156,7 @@ mod tests {
             timeout: Duration::from_secs(2),
         };
         assert!(err.sent());
-        let response = rescue(&err, &http::Method::POST, "/openApi/runJob");
+        let response: Response<Full<Bytes>> = rescue(&err, &http::Method::POST, "/openApi/runJob");
         assert_eq!(response.status(), 504);
         let body = response.into_body().collect().await.unwrap().to_bytes();
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();

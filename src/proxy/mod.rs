@@ -5,32 +5,40 @@
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, exact-case heads for answers runonce writes itself.
 //! - [`error`]: [`ProxyError`] and the one [`rescue`](error::rescue) that answers for it.
 //!
-//! Bodies stream both ways; nothing is buffered on this path. The idempotency engine will take the guarded
-//! routes (`runJob`, …) before they reach [`Proxy::forward`]; everything else passes here untouched.
+//! - [`answer`]: the body of answers runonce holds whole, which reports when it was delivered.
+//!
+//! Bodies stream both ways on every route but the guarded ones (`runJob`, …), which [`crate::guard`] reads
+//! whole, keys and de-duplicates; everything else passes untouched.
 
+pub mod answer;
 pub mod error;
 pub mod headers;
 pub mod tap;
 pub mod upstream;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{header, Method, Request, Response, Version};
-use http_body_util::{Either, Full, Limited};
+use http_body_util::{BodyExt, Either, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::{AuthHeader, Settings};
+use crate::guard::Guard;
 use crate::powerjob;
+use crate::store::AnyStore;
+use answer::Answer;
 use error::{rescue, ProxyError};
 use upstream::Upstreams;
 
-/// What a client receives: the upstream's stream, or an answer runonce wrote.
-pub type ResponseBody = Either<Incoming, Full<Bytes>>;
+/// What a client receives: the upstream's stream, or an answer runonce holds whole (its own, a guarded
+/// call's, a replay).
+pub type ResponseBody = Either<Incoming, Answer>;
 
 /// The proxy's request handling, shared by every connection.
 pub struct Proxy {
-    upstreams: Upstreams,
+    upstreams: Arc<Upstreams>,
+    guard: Arc<Guard>,
     auth_header: AuthHeader,
     body_limit: u64,
     max_header_bytes: usize,
@@ -38,9 +46,11 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(settings: &Settings) -> Self {
+    pub fn new(settings: &Settings, store: AnyStore) -> Self {
+        let upstreams = Arc::new(Upstreams::new(settings));
         Proxy {
-            upstreams: Upstreams::new(settings),
+            guard: Arc::new(Guard::new(settings, store, Arc::clone(&upstreams))),
+            upstreams,
             auth_header: settings.auth_header,
             body_limit: settings.body_limit.as_u64(),
             max_header_bytes: settings.max_header_bytes.as_u64() as usize,
@@ -52,6 +62,10 @@ impl Proxy {
         &self.upstreams
     }
 
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
     /// Answers one client request; never fails: errors become PowerJob-shaped answers.
     pub async fn handle(
         &self,
@@ -60,18 +74,19 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let method = request.method().clone();
         let uri = request.uri().clone();
-        match self.forward(request, client).await {
-            Ok(response) => response.map(Either::Left),
+        match self.dispatch(request, client).await {
+            Ok(response) => response,
             Err(err) => rescue(&err, &method, uri.path()).map(Either::Right),
         }
     }
 
-    /// Forwards a request as it is, but for the header rules, and streams the answer back.
-    pub async fn forward(
+    /// Applies the limits and header rules, then forwards the request as a stream, or, on a guarded route,
+    /// reads it whole and hands it to the engine.
+    async fn dispatch(
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<ResponseBody>, ProxyError> {
         self.check_head(&request)?;
         let (mut parts, body) = request.into_parts();
         if parts.method == Method::CONNECT {
@@ -88,12 +103,38 @@ impl Proxy {
                 limit: self.body_limit,
             });
         }
-        let repair = self.auth_header == AuthHeader::Repair
-            && powerjob::openapi_endpoint(parts.uri.path()).is_some();
+        let endpoint = powerjob::openapi_endpoint(parts.uri.path());
+        if endpoint == Some(powerjob::AUTH_APP) {
+            self.guard.note_auth(client.ip());
+        }
+        let repair = self.auth_header == AuthHeader::Repair && endpoint.is_some();
+        let route = self.guard.route(&parts.method, parts.uri.path());
         headers::remove_hop_by_hop(&mut parts.headers);
         headers::add_forwarded(&mut parts.headers, client.ip(), "http");
         // The parts keep their extensions: hyper's record of the client's header-name case goes upstream too.
         parts.version = Version::HTTP_11;
+        let limit_error = |err: ProxyError| match err {
+            ProxyError::BodyTooLarge { .. } => ProxyError::BodyTooLarge {
+                limit: self.body_limit,
+            },
+            other => other,
+        };
+        if let Some(route) = route {
+            let body = Limited::new(body, self.body_limit as usize)
+                .collect()
+                .await
+                .map_err(|err| match err.downcast::<LengthLimitError>() {
+                    Ok(_) => ProxyError::BodyTooLarge {
+                        limit: self.body_limit,
+                    },
+                    Err(err) => ProxyError::ClientBody {
+                        cause: err.to_string(),
+                    },
+                })?
+                .to_bytes();
+            let answer = self.guard.handle(route, parts, body, client, repair).await;
+            return answer.map(|response| response.map(Either::Right));
+        }
         let body = Either::Left(Limited::new(body, self.body_limit as usize));
         let arm = tap::Arm {
             repair,
@@ -103,14 +144,9 @@ impl Proxy {
             .upstreams
             .send(Request::from_parts(parts, body), arm)
             .await
-            .map_err(|err| match err {
-                ProxyError::BodyTooLarge { .. } => ProxyError::BodyTooLarge {
-                    limit: self.body_limit,
-                },
-                other => other,
-            })?;
+            .map_err(limit_error)?;
         headers::remove_hop_by_hop(response.headers_mut());
-        Ok(response)
+        Ok(response.map(Either::Left))
     }
 
     /// Header limits with a clear answer; hyper's own limits (twice these, see `server.rs`) are the backstop.

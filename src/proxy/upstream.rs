@@ -134,6 +134,11 @@ impl Upstreams {
         })
     }
 
+    /// How long a server has to answer a request.
+    pub fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
     /// Whether any server accepts a TCP connection (readiness). Opens and closes one connection; sends nothing.
     pub async fn any_reachable(&self) -> bool {
         for server in &self.servers {

@@ -273,6 +273,19 @@ impl Store for AnyStore {
     }
 }
 
+/// The store `settings.store` names. Redis being down is not an error here: the store reconnects by itself.
+pub async fn open(settings: &crate::config::Settings) -> Result<AnyStore, StoreError> {
+    use crate::config::StoreUrl;
+    match &settings.store {
+        StoreUrl::Memory => Ok(AnyStore::Memory(std::sync::Arc::new(
+            memory::MemoryStore::new(settings.memory_max_keys.0),
+        ))),
+        StoreUrl::Redis(url) => Ok(AnyStore::Redis(
+            redis::RedisStore::connect(url, settings.store_timeout.0).await?,
+        )),
+    }
+}
+
 /// A fresh owner token: unique across processes (random per process, then a counter).
 pub fn new_token() -> String {
     use std::hash::{BuildHasher, Hasher};

@@ -6,6 +6,15 @@ use super::{Claim, ClaimInfo, Key, Record, Store, StoreError, Stored};
 #[derive(Clone)]
 pub struct RedisStore;
 
+impl RedisStore {
+    pub async fn connect(_url: &str, _op_timeout: Duration) -> Result<RedisStore, StoreError> {
+        Err(StoreError {
+            op: "connect",
+            cause: "not built yet".into(),
+        })
+    }
+}
+
 impl Store for RedisStore {
     async fn claim(&self, _: &Key, _: &ClaimInfo) -> Result<Claim, StoreError> {
         todo!()

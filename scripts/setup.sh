@@ -13,11 +13,20 @@ if command -v rustup >/dev/null 2>&1; then
     fi
   done
 fi
-if ! command -v make >/dev/null 2>&1 || ! command -v kill >/dev/null 2>&1; then
-  apt_install=1
-fi
-if [ "${apt_install:-0}" = 1 ]; then
+# make and kill (procps) for the tests' process control; redis-server and redis-cli: the Redis tests start
+# their own servers (standalone and a three-node cluster) on free ports, never a system Redis.
+packages=()
+command -v make >/dev/null 2>&1 || packages+=(make)
+command -v kill >/dev/null 2>&1 || packages+=(procps)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+if [ "${#packages[@]}" -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2
+    exit 1
+  fi
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq make procps
+  apt-get install -y -qq --no-install-recommends "${packages[@]}"
+  # Debian's package starts a system Redis on 6379; the tests never use it, and leave it be.
 fi

@@ -141,24 +141,7 @@ async fn start_proxy(
 }
 
 async fn mock_stats(server: SocketAddr) -> Result<serde_json::Value, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(server).await?;
-        stream
-            .write_all(b"GET /mock/stats HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut bytes = Vec::new();
-        stream.read_to_end(&mut bytes).await?;
-        Ok::<_, std::io::Error>(bytes)
-    };
-    let bytes = tokio::time::timeout(Duration::from_secs(5), exchange)
+    mock::fetch_stats(server, Duration::from_secs(5))
         .await
-        .map_err(|_| "mock stats: no answer".to_string())?
-        .map_err(|err| format!("mock stats: {err}"))?;
-    let body = bytes
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|at| &bytes[at + 4..])
-        .unwrap_or_default();
-    serde_json::from_slice(body).map_err(|err| format!("mock stats: {err}"))
+        .map_err(|err| format!("mock stats: {err}"))
 }

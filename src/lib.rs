@@ -13,7 +13,8 @@
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
 //! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
 //!   ([`powerjob::client`]).
-//! - [`rawhttp`]: a minimal HTTP/1.1 client that keeps header-name case (the client emulation, demo, tests).
+//! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
+//!   upstreams (the client emulation, the demo's mock stats, tests); never on the proxy's request path.
 //! - [`telemetry`]: tracing setup.
 //! - [`demo`]: the side-by-side demo (direct vs through runonce).
 

@@ -3,22 +3,23 @@
 //! The duplicate `runJob` this project guards against hinges on the *case* of a response header name: the
 //! PowerJob 5.1.0 client finds `X-POWERJOB-AUTH-PASSED` but not `x-powerjob-auth-passed`. hyper normalises
 //! header names to lower case and hides the original spelling, so whatever must tell the two apart speaks
-//! HTTP/1.1 itself: the 5.1.0 client emulation ([`crate::powerjob::client`]), `runonce demo`, and the
-//! integration tests (whose scripted upstream also reads requests with [`read_request`]). Heads are parsed with
-//! `httparse`, which hands out names as sent.
+//! HTTP/1.1 itself: the 5.1.0 client emulation ([`crate::powerjob::client`]), `runonce demo` (through
+//! [`crate::powerjob::mock::fetch_stats`]), the mock's unit tests and the integration tests, whose scripted
+//! upstreams also read requests with [`read_request`]. Heads are parsed with `httparse`, which hands out names
+//! as sent.
 //!
 //! It is **not** used on the proxy's request path, which is hyper's.
 //!
 //! Scope: plain HTTP, one message per call; bytes read past the end of a message are dropped, so it does not
 //! support pipelining. Interim 1xx responses are skipped; bodies are delimited by Content-Length, chunked
-//! transfer coding (trailers dropped) or the end of the connection. Bounded by a 64 KiB head, 128 header
-//! fields and a 16 MiB body. Every failure is an [`io::Error`] (`InvalidData` for malformed or oversized input,
-//! `UnexpectedEof` for an early close, `TimedOut` for the deadline of [`exchange`]); bad input never panics.
+//! transfer coding (trailers dropped) or the end of the connection. Bounded by a 64 KiB head (every head,
+//! interim ones included, however its bytes arrive), 128 header fields and a 16 MiB body. Every failure is an
+//! [`io::Error`] (`InvalidData` for malformed or oversized input, `UnexpectedEof` for an early close, `TimedOut`
+//! for the deadline of [`exchange`]); bad input never panics.
 
 use std::io;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
@@ -58,24 +59,31 @@ impl Response {
         self.head.lines().skip(1).collect()
     }
 
-    /// The body parsed as JSON.
-    pub fn json<T: DeserializeOwned>(&self) -> io::Result<T> {
+    /// The body parsed as JSON; the error shows the start of the body.
+    pub fn json(&self) -> io::Result<serde_json::Value> {
         serde_json::from_slice(&self.body).map_err(|error| {
-            let text = self.text();
-            let shown: String = text.chars().take(1024).collect();
+            let shown: String = self.text().chars().take(1024).collect();
             invalid(format!("body is not JSON ({error}): {shown:?}"))
         })
-    }
-
-    /// The body parsed as any JSON value.
-    pub fn json_value(&self) -> io::Result<serde_json::Value> {
-        self.json()
     }
 
     /// The body as text, invalid UTF-8 replaced.
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+}
+
+/// A request as [`read_request`] read it; header names keep the case they had on the wire.
+#[derive(Clone, Debug)]
+pub struct Request {
+    /// The request target from the request line, e.g. `/openApi/runJob`.
+    pub target: String,
+    /// Header fields in order, names as received, values trimmed.
+    pub headers: Vec<(String, String)>,
+    /// The body, chunked coding removed.
+    pub body: Vec<u8>,
+    /// Every byte of the request exactly as it came: head, body and any chunked framing.
+    pub raw: Vec<u8>,
 }
 
 /// Connects to `addr`, writes `request` as given and reads one response, all within `timeout`.
@@ -109,7 +117,7 @@ pub async fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
     let mut reader = Reader::new(stream, false);
     for _ in 0..MAX_INTERIM {
         let Some(head) = reader.read_head(false).await? else {
-            return Err(closed("connection closed before a response head"));
+            return Err(closed("connection closed before a complete response head"));
         };
         let status = head
             .status
@@ -130,20 +138,26 @@ pub async fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
     Err(invalid("too many interim responses"))
 }
 
-/// Reads one request (head and body, by Content-Length or chunked) and returns its bytes as they came;
-/// `None` if the peer closed before sending a byte.
-pub async fn read_request(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+/// Reads one request (head and body, by Content-Length or chunked); `None` if the peer closed before sending a
+/// byte.
+pub async fn read_request(stream: &mut TcpStream) -> io::Result<Option<Request>> {
     let mut reader = Reader::new(stream, true);
     let Some(head) = reader.read_head(true).await? else {
         return Ok(None);
     };
-    reader.read_body(body_framing(None, &head.headers)?).await?;
-    Ok(Some(reader.buf[..reader.pos].to_vec()))
+    let body = reader.read_body(body_framing(None, &head.headers)?).await?;
+    Ok(Some(Request {
+        target: head.target.unwrap_or_default(),
+        headers: head.headers,
+        body,
+        raw: reader.buf[..reader.pos].to_vec(),
+    }))
 }
 
-/// A parsed head: the response status (`None` for a request), the text and the header fields.
+/// A parsed head: the response status or the request target, the text and the header fields.
 struct Head {
     status: Option<u16>,
+    target: Option<String>,
     text: String,
     headers: Vec<(String, String)>,
 }
@@ -244,20 +258,30 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads and parses one head (of a request if `request`); `None` if the peer closed before sending a byte.
+    ///
+    /// A head longer than `MAX_HEAD` is refused however its bytes arrive: the check covers a head that completes
+    /// in the read that crosses the cap, not only one still incomplete beyond it.
     async fn read_head(&mut self, request: bool) -> io::Result<Option<Head>> {
+        let kind = head_kind(request);
         loop {
-            if let Some((length, head)) = parse_head(self.unread(), request)? {
+            let parsed = parse_head(self.unread(), request)?;
+            let length = parsed
+                .as_ref()
+                .map_or(self.unread().len(), |(length, _)| *length);
+            if length > MAX_HEAD {
+                return Err(invalid(format!("{kind} head too large")));
+            }
+            if let Some((length, head)) = parsed {
                 self.pos += length;
                 return Ok(Some(head));
-            }
-            if self.unread().len() > MAX_HEAD {
-                return Err(invalid("head too large"));
             }
             if self.fill().await? == 0 {
                 if self.unread().is_empty() {
                     return Ok(None);
                 }
-                return Err(closed("connection closed before a complete head"));
+                return Err(closed(&format!(
+                    "connection closed before a complete {kind} head"
+                )));
             }
         }
     }
@@ -286,10 +310,11 @@ impl<'a> Reader<'a> {
     /// Reads everything until the peer closes, within the body cap.
     async fn read_to_close(&mut self) -> io::Result<Vec<u8>> {
         loop {
+            let read = self.fill().await?;
             if self.unread().len() > MAX_BODY {
                 return Err(invalid("body exceeds the cap"));
             }
-            if self.fill().await? == 0 {
+            if read == 0 {
                 let bytes = self.unread().to_vec();
                 self.pos = self.buf.len();
                 return Ok(bytes);
@@ -351,20 +376,21 @@ impl<'a> Reader<'a> {
 
 /// Parses a complete head at the start of `bytes`: its length and contents, or `None` if more bytes are needed.
 fn parse_head(bytes: &[u8], request: bool) -> io::Result<Option<(usize, Head)>> {
-    let malformed = |error| invalid(format!("malformed head: {error}"));
+    let kind = head_kind(request);
+    let malformed = |error| invalid(format!("malformed {kind} head: {error}"));
     let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let (length, status, fields) = if request {
+    let (length, status, target, fields) = if request {
         let mut head = httparse::Request::new(&mut slots);
         let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
             return Ok(None);
         };
-        (length, None, head.headers)
+        (length, None, head.path.map(str::to_owned), head.headers)
     } else {
         let mut head = httparse::Response::new(&mut slots);
         let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
             return Ok(None);
         };
-        (length, head.code, head.headers)
+        (length, head.code, None, head.headers)
     };
     let headers = fields
         .iter()
@@ -381,6 +407,7 @@ fn parse_head(bytes: &[u8], request: bool) -> io::Result<Option<(usize, Head)>> 
     }
     let head = Head {
         status,
+        target,
         text: String::from_utf8_lossy(text).into_owned(),
         headers,
     };
@@ -397,6 +424,14 @@ fn parse_chunk_size(line: &[u8]) -> io::Result<usize> {
         .ok()
         .filter(|_| valid)
         .ok_or_else(|| invalid(format!("invalid chunk size: {text:?}")))
+}
+
+fn head_kind(request: bool) -> &'static str {
+    if request {
+        "request"
+    } else {
+        "response"
+    }
 }
 
 fn invalid(message: impl Into<String>) -> io::Error {
@@ -451,7 +486,7 @@ mod tests {
         assert_eq!(response.exact("x-powerjob-auth-passed"), Some("false"));
         assert_eq!(response.exact("X-Powerjob-Auth-Passed"), None);
         assert_eq!(response.header_lines().len(), 3);
-        assert_eq!(response.json_value().unwrap(), serde_json::json!({}));
+        assert_eq!(response.json().unwrap(), serde_json::json!({}));
         assert_eq!(response.text(), "{}");
     }
 
@@ -473,27 +508,88 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(response.status, 200);
-        assert_eq!(response.json_value().unwrap()["a"], 1);
+        assert_eq!(response.json().unwrap()["a"], 1);
+    }
+
+    /// A head of exactly `length` bytes (blank line included) with one large `X-Big` field.
+    fn head_of(length: usize) -> String {
+        let frame = "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: \r\n\r\n".len();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(length - frame)
+        )
+    }
+
+    #[tokio::test]
+    async fn heads_are_capped_however_they_arrive() {
+        // At the cap: accepted.
+        let response = answer(head_of(MAX_HEAD).as_bytes()).await.unwrap();
+        assert_eq!(response.head.len() + 4, MAX_HEAD);
+        assert!(response.exact("X-Big").is_some());
+        // One byte over, whether the head completes in the read that crosses the cap or long after it.
+        for length in [MAX_HEAD + 1, MAX_HEAD + 27, 4 * MAX_HEAD] {
+            let error = answer(head_of(length).as_bytes()).await.unwrap_err();
+            assert_eq!(
+                error.kind(),
+                io::ErrorKind::InvalidData,
+                "{length}: {error}"
+            );
+            assert_eq!(error.to_string(), "response head too large");
+        }
+        // An oversized interim head is refused too.
+        let interim = format!(
+            "HTTP/1.1 100 Continue\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(MAX_HEAD)
+        );
+        let error = answer(interim.as_bytes()).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidData);
     }
 
     #[tokio::test]
     async fn caps_and_bad_input_are_errors() {
-        let huge_head = format!("HTTP/1.1 200 OK\r\nX-Big: {}\r\n\r\n", "a".repeat(MAX_HEAD));
-        let cases: [&[u8]; 6] = [
-            huge_head.as_bytes(),
-            b"HTTP/1.1 200 OK\r\nContent-Length: 16777217\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000001\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
-            b"\x00garbage\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+        use io::ErrorKind::{InvalidData, UnexpectedEof};
+        let fields: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: v\r\n")).collect();
+        let many_fields = format!("HTTP/1.1 200 OK\r\n{fields}\r\n");
+        let cases: [(&[u8], io::ErrorKind); 9] = [
+            (many_fields.as_bytes(), InvalidData),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 16777217\r\n\r\n",
+                InvalidData,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+                InvalidData,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000001\r\n",
+                InvalidData,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n",
+                InvalidData,
+            ),
+            (b"\x00garbage\r\n\r\n", InvalidData),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+                UnexpectedEof,
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+                UnexpectedEof,
+            ),
+            (b"HTTP/1.1 200 OK\r\n", UnexpectedEof),
         ];
-        for case in cases {
-            assert!(
-                answer(case).await.is_err(),
-                "{:?}",
+        for (case, kind) in cases {
+            let error = answer(case).await.unwrap_err();
+            assert_eq!(
+                error.kind(),
+                kind,
+                "{:?}: {error}",
                 String::from_utf8_lossy(case)
             );
         }
+        let error = answer(b"").await.unwrap_err();
+        assert_eq!(error.kind(), UnexpectedEof);
         let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let error = exchange(silent.local_addr().unwrap(), GET, Duration::from_millis(50))
             .await
@@ -519,9 +615,16 @@ mod tests {
             }
         });
         let (mut stream, _) = listener.accept().await.unwrap();
+        let mut read = Vec::new();
         for request in requests {
-            assert_eq!(read_request(&mut stream).await.unwrap().unwrap(), request);
+            let got = read_request(&mut stream).await.unwrap().unwrap();
+            assert_eq!(got.raw, request);
+            read.push(got);
         }
+        assert_eq!(read[0].target, "/a");
+        assert_eq!(read[0].body, b"abc");
+        assert_eq!(read[1].body, b"abc", "chunked coding removed");
+        assert_eq!(read[2].headers, [("Host".to_owned(), "t".to_owned())]);
         client.await.unwrap();
         assert!(read_request(&mut stream).await.unwrap().is_none());
     }

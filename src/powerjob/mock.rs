@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -41,6 +42,7 @@ use super::{
     AUTH_PASSED,
 };
 use crate::proxy::headers::exact_case_head;
+use crate::rawhttp;
 
 /// Request bodies above this are refused rather than buffered.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -179,6 +181,12 @@ pub async fn run(
     drop(graceful);
     info!(mode = %mock.options.mode, "PowerJob mock stopped");
     Ok(())
+}
+
+/// `GET /mock/stats` from the mock at `addr`, within `timeout`: the counters as JSON (for the demo and the tests).
+pub async fn fetch_stats(addr: SocketAddr, timeout: Duration) -> std::io::Result<Value> {
+    const REQUEST: &[u8] = b"GET /mock/stats HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n";
+    rawhttp::exchange(addr, REQUEST, timeout).await?.json()
 }
 
 /// The fake server: options, pre-built response heads and the shared state. Cheap to share through `Arc`.
@@ -971,7 +979,6 @@ fn utc_parts(ms: i64) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::SocketAddr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     use tokio::sync::oneshot;
@@ -1015,10 +1022,7 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            Conn {
-                stream,
-                buf: Vec::new(),
-            }
+            Conn { stream }
         }
 
         /// One request on a fresh connection.
@@ -1033,34 +1037,34 @@ mod tests {
         }
 
         async fn stats(&self) -> Value {
-            self.send("GET", "/mock/stats", &[], "").await.json()
+            fetch_stats(self.addr, STEP).await.unwrap()
         }
     }
 
     /// A raw HTTP/1.1 client connection, so header case is visible exactly as sent.
     struct Conn {
         stream: TcpStream,
-        buf: Vec<u8>,
     }
 
-    struct Reply {
-        head: String,
-        body: String,
+    /// A response with header names as sent.
+    type Reply = rawhttp::Response;
+
+    trait ReplyExt {
+        /// Whether the auth header is there in any spelling.
+        fn has_auth_header(&self) -> bool;
+        /// Whether the head has this header line, byte for byte.
+        fn has_line(&self, line: &str) -> bool;
     }
 
-    impl Reply {
-        fn status(&self) -> u16 {
-            self.head[9..12].parse().unwrap()
-        }
-
-        fn json(&self) -> Value {
-            serde_json::from_str(&self.body).unwrap()
-        }
-
+    impl ReplyExt for Reply {
         fn has_auth_header(&self) -> bool {
-            self.head
-                .to_ascii_lowercase()
-                .contains("x-powerjob-auth-passed")
+            self.headers
+                .iter()
+                .any(|(name, _)| name.eq_ignore_ascii_case(AUTH_PASSED))
+        }
+
+        fn has_line(&self, line: &str) -> bool {
+            self.header_lines().contains(&line)
         }
     }
 
@@ -1085,39 +1089,10 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            tokio::time::timeout(STEP, self.read_reply()).await.unwrap()
-        }
-
-        async fn read_reply(&mut self) -> Reply {
-            let head_end = loop {
-                if let Some(at) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break at + 4;
-                }
-                self.fill().await;
-            };
-            let head = String::from_utf8(self.buf[..head_end].to_vec()).unwrap();
-            let length: usize = head
-                .lines()
-                .find_map(|line| {
-                    let (name, value) = line.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse().unwrap())
-                })
-                .expect("the mock always sends Content-Length");
-            while self.buf.len() < head_end + length {
-                self.fill().await;
-            }
-            let rest = self.buf.split_off(head_end + length);
-            let body = String::from_utf8(self.buf[head_end..].to_vec()).unwrap();
-            self.buf = rest;
-            Reply { head, body }
-        }
-
-        async fn fill(&mut self) {
-            let mut chunk = [0u8; 4096];
-            let n = self.stream.read(&mut chunk).await.unwrap();
-            assert!(n > 0, "connection closed mid-response");
-            self.buf.extend_from_slice(&chunk[..n]);
+            tokio::time::timeout(STEP, rawhttp::read_response(&mut self.stream))
+                .await
+                .unwrap()
+                .unwrap()
         }
     }
 
@@ -1139,22 +1114,22 @@ mod tests {
             .send("POST", "/openApi/authApp", &JSON_TYPE, AUTH_BODY)
             .await;
         assert!(!auth.has_auth_header(), "{}", auth.head);
-        assert_eq!(auth.json()["data"]["appId"], 1);
+        assert_eq!(auth.json().unwrap()["data"]["appId"], 1);
 
         let first = run_job(&mut conn, &[]).await;
         let second = run_job(&mut conn, &[]).await;
         assert!(!first.has_auth_header() && !second.has_auth_header());
         assert!(
-            first.head.contains("Content-Type: application/json\r\n"),
+            first.has_line("Content-Type: application/json"),
             "{}",
             first.head
         );
         let (a, b) = (
-            first.json()["data"].as_i64().unwrap(),
-            second.json()["data"].as_i64().unwrap(),
+            first.json().unwrap()["data"].as_i64().unwrap(),
+            second.json().unwrap()["data"].as_i64().unwrap(),
         );
         assert!(a > TWO_POW_53 && b > a, "{a} {b}");
-        assert_eq!(first.json()["code"], Value::Null);
+        assert_eq!(first.json().unwrap()["code"], Value::Null);
 
         let stats = server.stats().await;
         assert_eq!(stats["mode"], "v5.1.0-auth-off");
@@ -1174,17 +1149,17 @@ mod tests {
             .send("POST", "/openApi/authApp", &JSON_TYPE, AUTH_BODY)
             .await;
         assert!(
-            auth.head.contains("\r\nX-POWERJOB-AUTH-PASSED: true\r\n"),
+            auth.has_line("X-POWERJOB-AUTH-PASSED: true"),
             "{}",
             auth.head
         );
         let reply = run_job(&mut conn, &[]).await;
         assert!(
-            reply.head.contains("\r\nX-POWERJOB-AUTH-PASSED: true\r\n"),
+            reply.has_line("X-POWERJOB-AUTH-PASSED: true"),
             "{}",
             reply.head
         );
-        assert_eq!(reply.json()["success"], true);
+        assert_eq!(reply.json().unwrap()["success"], true);
     }
 
     #[tokio::test]
@@ -1194,54 +1169,53 @@ mod tests {
 
         let refused = run_job(&mut conn, &[]).await;
         assert!(
-            refused
-                .head
-                .contains("\r\nX-POWERJOB-AUTH-PASSED: false\r\n"),
+            refused.has_line("X-POWERJOB-AUTH-PASSED: false"),
             "{}",
             refused.head
         );
         assert_eq!(
-            refused.json(),
+            refused.json().unwrap(),
             json!({"success": false, "message": "INVALID_REQUEST:lack_of_appId_in_header", "code": "-300"})
         );
         let no_token = run_job(&mut conn, &[(APP_ID, "1"), (ACCESS_TOKEN, "null")]).await;
-        assert_eq!(no_token.json()["code"], "-1002");
+        assert_eq!(no_token.json().unwrap()["code"], "-1002");
         let forged = run_job(&mut conn, &[(APP_ID, "1"), (ACCESS_TOKEN, "forged")]).await;
-        assert_eq!(forged.json()["code"], "-401");
+        assert_eq!(forged.json().unwrap()["code"], "-401");
         assert_eq!(server.stats().await["instances"], 0);
 
         let auth = conn
             .send("POST", "/openApi/authApp", &JSON_TYPE, AUTH_BODY)
             .await;
         assert!(!auth.has_auth_header(), "{}", auth.head);
-        let token = auth.json()["data"]["token"].as_str().unwrap().to_owned();
+        let token = auth.json().unwrap()["data"]["token"]
+            .as_str()
+            .unwrap()
+            .to_owned();
 
         let other_app = run_job(&mut conn, &[(APP_ID, "2"), (ACCESS_TOKEN, &token)]).await;
         assert_eq!(
-            other_app.json()["message"],
+            other_app.json().unwrap()["message"],
             "INVALID_REQUEST:Inconsistent_appId_from_token_and_header"
         );
         let accepted = run_job(&mut conn, &[(APP_ID, "1"), (ACCESS_TOKEN, &token)]).await;
         assert!(
-            accepted
-                .head
-                .contains("\r\nX-POWERJOB-AUTH-PASSED: true\r\n"),
+            accepted.has_line("X-POWERJOB-AUTH-PASSED: true"),
             "{}",
             accepted.head
         );
-        assert!(accepted.json()["data"].as_i64().unwrap() > TWO_POW_53);
+        assert!(accepted.json().unwrap()["data"].as_i64().unwrap() > TWO_POW_53);
         assert_eq!(server.stats().await["instances"], 1);
 
         let expired = server.send("POST", "/mock/expire-tokens", &[], "").await;
-        assert_eq!(expired.json()["expired"], 1);
+        assert_eq!(expired.json().unwrap()["expired"], 1);
         let late = run_job(&mut conn, &[(APP_ID, "1"), (ACCESS_TOKEN, &token)]).await;
         assert!(
-            late.head.contains("\r\nX-POWERJOB-AUTH-PASSED: false\r\n"),
+            late.has_line("X-POWERJOB-AUTH-PASSED: false"),
             "{}",
             late.head
         );
-        assert_eq!(late.json()["code"], "-403");
-        assert!(late.json()["message"]
+        assert_eq!(late.json().unwrap()["code"], "-403");
+        assert!(late.json().unwrap()["message"]
             .as_str()
             .unwrap()
             .starts_with("TOKEN_EXPIRED:JWT expired at "));
@@ -1273,7 +1247,7 @@ mod tests {
                 .send("POST", "/openApi/authApp", &JSON_TYPE, body)
                 .await;
             assert_eq!(
-                reply.json(),
+                reply.json().unwrap(),
                 json!({"success": false, "data": null, "message": message, "code": code})
             );
         }
@@ -1284,7 +1258,7 @@ mod tests {
         let reply = server
             .send("POST", "/openApi/authApp", &JSON_TYPE, &upper)
             .await;
-        assert_eq!(reply.json()["success"], true);
+        assert_eq!(reply.json().unwrap()["success"], true);
     }
 
     #[tokio::test]
@@ -1293,15 +1267,15 @@ mod tests {
         let auth = server
             .send("POST", "/openApi/authApp", &JSON_TYPE, AUTH_BODY)
             .await;
-        assert_eq!(auth.status(), 404);
+        assert_eq!(auth.status, 404);
         let body = "appName=my-app&password=123456";
         let assert = server
             .send("POST", "/openApi/assert", &FORM_TYPE, body)
             .await;
-        assert_eq!(assert.status(), 200);
+        assert_eq!(assert.status, 200);
         assert!(!assert.has_auth_header());
         assert_eq!(
-            assert.json(),
+            assert.json().unwrap(),
             json!({"success": true, "data": 1, "message": null})
         );
         let body = "appName=my-app&password=wrong";
@@ -1309,10 +1283,10 @@ mod tests {
             .send("POST", "/openApi/assert", &FORM_TYPE, body)
             .await;
         assert_eq!(
-            wrong.json()["message"],
+            wrong.json().unwrap()["message"],
             "PowerJobException: password error!"
         );
-        assert!(wrong.json().get("code").is_none());
+        assert!(wrong.json().unwrap().get("code").is_none());
     }
 
     #[tokio::test]
@@ -1336,14 +1310,17 @@ mod tests {
             let reply = server
                 .send("POST", "/openApi/runJob", &FORM_TYPE, body)
                 .await;
-            assert_eq!(reply.status(), 200);
-            assert_eq!(reply.json()["message"], message, "{body}");
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.json().unwrap()["message"], message, "{body}");
         }
         let body = "jobId=abc&appId=1";
         let reply = server
             .send("POST", "/openApi/runJob", &FORM_TYPE, body)
             .await;
-        let message = reply.json()["message"].as_str().unwrap().to_owned();
+        let message = reply.json().unwrap()["message"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
             message.starts_with("MethodArgumentTypeMismatchException: "),
             "{message}"
@@ -1352,7 +1329,7 @@ mod tests {
         let reply = server
             .send("POST", "/openApi/runJob", &FORM_TYPE, body)
             .await;
-        assert!(reply.json()["message"]
+        assert!(reply.json().unwrap()["message"]
             .as_str()
             .unwrap()
             .starts_with("NullPointerException: "));
@@ -1360,16 +1337,16 @@ mod tests {
         let get = server
             .send("GET", "/openApi/runJob?jobId=5&appId=1", &[], "")
             .await;
-        assert_eq!(get.status(), 200);
+        assert_eq!(get.status, 200);
         assert_eq!(
-            get.json()["message"],
+            get.json().unwrap()["message"],
             "HttpRequestMethodNotSupportedException: Request method 'GET' not supported"
         );
         // Parameters may also come in the query string, and a path prefix is allowed.
         let query = server
             .send("POST", "/pj/openApi/runJob?jobId=6&appId=1", &[], "")
             .await;
-        assert_eq!(query.json()["success"], true);
+        assert_eq!(query.json().unwrap()["success"], true);
         assert_eq!(server.stats().await["instances_by_job"], json!({"6": 1}));
     }
 
@@ -1380,14 +1357,16 @@ mod tests {
         let id = server
             .send("POST", "/openApi/runJob", &FORM_TYPE, body)
             .await
-            .json()["data"]
+            .json()
+            .unwrap()["data"]
             .as_i64()
             .unwrap();
         let body = format!("instanceId={id}&appId=1");
         let info = server
             .send("POST", "/openApi/fetchInstanceInfo", &FORM_TYPE, &body)
             .await
-            .json();
+            .json()
+            .unwrap();
         assert_eq!(info["data"]["instanceId"], id);
         assert_eq!(info["data"]["jobId"], 5);
         assert_eq!(info["data"]["instanceParams"], "p");
@@ -1395,13 +1374,15 @@ mod tests {
         let status = server
             .send("POST", "/openApi/fetchInstanceStatus", &FORM_TYPE, &body)
             .await
-            .json();
+            .json()
+            .unwrap();
         assert_eq!(status["data"], status::SUCCEED);
         let body = "instanceId=42";
         let unknown = server
             .send("POST", "/openApi/fetchInstanceInfo", &FORM_TYPE, body)
             .await
-            .json();
+            .json()
+            .unwrap();
         assert_eq!(
             unknown["message"],
             "IllegalArgumentException: invalid instanceId: 42"
@@ -1415,7 +1396,8 @@ mod tests {
                 r#"{"appId":1,"jobName":"j"}"#,
             )
             .await
-            .json();
+            .json()
+            .unwrap();
         assert!(created["data"].as_i64().unwrap() >= FIRST_NEW_JOB_ID);
         let updated = server
             .send(
@@ -1425,18 +1407,21 @@ mod tests {
                 r#"{"id":77,"appId":1}"#,
             )
             .await
-            .json();
+            .json()
+            .unwrap();
         assert_eq!(updated["data"], 77);
         let body = "workflowId=3&appId=1";
         let wf = server
             .send("POST", "/openApi/runWorkflow", &FORM_TYPE, body)
             .await
-            .json();
+            .json()
+            .unwrap();
         assert!(wf["data"].as_i64().unwrap() > TWO_POW_53);
         let stopped = server
             .send("POST", "/openApi/stopInstance", &FORM_TYPE, body)
             .await
-            .json();
+            .json()
+            .unwrap();
         assert_eq!(
             stopped,
             json!({"success": true, "data": null, "message": null, "code": null})
@@ -1444,13 +1429,14 @@ mod tests {
         let unsupported = server
             .send("POST", "/openApi/copyJob", &[], "")
             .await
-            .json();
+            .json()
+            .unwrap();
         assert!(unsupported["message"]
             .as_str()
             .unwrap()
             .contains("not supported by the runonce PowerJob mock"));
         assert_eq!(
-            server.send("GET", "/server/hello", &[], "").await.status(),
+            server.send("GET", "/server/hello", &[], "").await.status,
             404
         );
         assert_eq!(server.stats().await["workflow_instances"], 1);
@@ -1465,7 +1451,11 @@ mod tests {
             &[(ACCESS_TOKEN, "t1"), ("X-Forwarded-For", "10.0.0.1")],
         )
         .await;
-        let recorded = server.send("GET", "/mock/requests", &[], "").await.json();
+        let recorded = server
+            .send("GET", "/mock/requests", &[], "")
+            .await
+            .json()
+            .unwrap();
         let first = &recorded[0];
         assert_eq!(recorded.as_array().unwrap().len(), 1);
         assert_eq!(first["method"], "POST");
@@ -1478,20 +1468,21 @@ mod tests {
             .starts_with("jobId=5&delay=0"));
 
         assert_eq!(
-            server.send("POST", "/mock/reset", &[], "").await.status(),
+            server.send("POST", "/mock/reset", &[], "").await.status,
             200
         );
         let stats = server.stats().await;
         assert_eq!(stats["instances"], 0);
         assert_eq!(stats["requests_by_path"], json!({}));
         assert_eq!(
-            server.send("GET", "/mock/requests", &[], "").await.json(),
+            server
+                .send("GET", "/mock/requests", &[], "")
+                .await
+                .json()
+                .unwrap(),
             json!([])
         );
-        assert_eq!(
-            server.send("GET", "/mock/reset", &[], "").await.status(),
-            405
-        );
+        assert_eq!(server.send("GET", "/mock/reset", &[], "").await.status, 405);
     }
 
     #[tokio::test]
@@ -1517,7 +1508,8 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap()
-                .json()["success"],
+                .json()
+                .unwrap()["success"],
             true
         );
     }

@@ -1,4 +1,5 @@
-//! Test harness: the real `runonce` binary on free loopback ports, a scriptable raw upstream, and raw HTTP.
+//! Test harness: the real `runonce` binary on free loopback ports, a scriptable raw upstream, and raw HTTP
+//! (through `runonce::rawhttp`, which keeps header names as they came).
 //!
 //! Every process is killed on drop; every read has a deadline, so no test can hang.
 #![allow(dead_code)] // each test file uses a different part of the harness
@@ -9,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use runonce::rawhttp;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// How long any single network step of a test may take before the test fails.
@@ -137,147 +139,20 @@ pub fn url(addr: SocketAddr) -> String {
     format!("http://{addr}")
 }
 
-/// A raw HTTP answer: the head exactly as it came, and the body.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub head: String,
-    pub body: Vec<u8>,
-}
+/// A raw HTTP answer: `status`, the `head` exactly as it came (without the blank line), `headers` with names as
+/// sent, `exact(name)`, `header_lines()`, the `body`, `json()` and `text()`.
+pub use rawhttp::Response as RawResponse;
 
-impl RawResponse {
-    pub fn status(&self) -> u16 {
-        self.head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Header lines exactly as they came (name case intact).
-    pub fn header_lines(&self) -> Vec<&str> {
-        self.head
-            .split("\r\n")
-            .skip(1)
-            .filter(|l| !l.is_empty())
-            .collect()
-    }
-
-    /// The value of the header with exactly this name (case-sensitive, like the 5.1.0 client).
-    pub fn exact(&self, name: &str) -> Option<&str> {
-        self.header_lines()
-            .into_iter()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':').map(str::trim))
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Writes `request` to a new connection and reads one response (Content-Length, chunked, or to close).
+/// Writes `request` to a new connection and reads one response, all within [`STEP`].
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> std::io::Result<RawResponse> {
-    let mut stream = tokio::time::timeout(STEP, TcpStream::connect(addr)).await??;
-    stream.write_all(request).await?;
-    read_response(&mut stream).await
+    rawhttp::exchange(addr, request, STEP).await
 }
 
 /// Reads one response from `stream`, with a deadline.
 pub async fn read_response(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
-    tokio::time::timeout(STEP, read_response_inner(stream))
+    tokio::time::timeout(STEP, rawhttp::read_response(stream))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no response in time"))?
-}
-
-async fn read_response_inner(stream: &mut TcpStream) -> std::io::Result<RawResponse> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(at) = find(&buf, b"\r\n\r\n") {
-            break at + 4;
-        }
-        let mut chunk = [0u8; 8192];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                format!("closed after {buf:?}"),
-            ));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end - 4]).into_owned();
-    let mut rest = buf[head_end..].to_vec();
-    let lower = head.to_ascii_lowercase();
-    let length = lower
-        .split("\r\n")
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let body = if lower.contains("transfer-encoding: chunked") {
-        read_chunked(stream, rest).await?
-    } else if let Some(length) = length {
-        while rest.len() < length {
-            let mut chunk = vec![0u8; 65536];
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "body cut short",
-                ));
-            }
-            rest.extend_from_slice(&chunk[..n]);
-        }
-        rest.truncate(length);
-        rest
-    } else if head.starts_with("HTTP/1.1 1") || head.contains(" 204 ") || head.contains(" 304 ") {
-        Vec::new()
-    } else {
-        stream.read_to_end(&mut rest).await?;
-        rest
-    };
-    Ok(RawResponse { head, body })
-}
-
-async fn read_chunked(stream: &mut TcpStream, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
-    let mut body = Vec::new();
-    loop {
-        while find(&buf, b"\r\n").is_none() {
-            fill(stream, &mut buf).await?;
-        }
-        let line_end = find(&buf, b"\r\n").unwrap_or(0);
-        let size_text = String::from_utf8_lossy(&buf[..line_end]).into_owned();
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        buf.drain(..line_end + 2);
-        while buf.len() < size + 2 {
-            fill(stream, &mut buf).await?;
-        }
-        body.extend_from_slice(&buf[..size]);
-        buf.drain(..size + 2);
-        if size == 0 {
-            return Ok(body);
-        }
-    }
-}
-
-async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
-    let mut chunk = [0u8; 65536];
-    let n = stream.read(&mut chunk).await?;
-    if n == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "chunked body cut short",
-        ));
-    }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(())
-}
-
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// A form POST to `path`, rendered as OkHttp would send it.
@@ -291,13 +166,9 @@ pub fn form_post(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
 
 /// The mock's `/mock/stats` JSON.
 pub async fn mock_stats(mock: SocketAddr) -> serde_json::Value {
-    raw(
-        mock,
-        b"GET /mock/stats HTTP/1.1\r\nHost: mock\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .expect("mock stats")
-    .json()
+    runonce::powerjob::mock::fetch_stats(mock, STEP)
+        .await
+        .expect("mock stats")
 }
 
 /// What a scripted upstream does with one request.
@@ -311,7 +182,7 @@ pub enum Script {
 }
 
 /// A raw TCP upstream that records each request it reads (head and body, bytes as they came) and answers as
-/// `script` says. Understands Content-Length and chunked request bodies.
+/// `script` says. Reads requests with `rawhttp::read_request` (Content-Length and chunked bodies).
 pub struct RawUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Vec<u8>>>>,
@@ -331,8 +202,9 @@ impl RawUpstream {
                 let recorded = Arc::clone(&recorded);
                 tokio::spawn(async move {
                     while let Ok(Ok(Some(request))) =
-                        tokio::time::timeout(STEP, read_request(&mut stream)).await
+                        tokio::time::timeout(STEP, rawhttp::read_request(&mut stream)).await
                     {
+                        let request = request.raw;
                         recorded.lock().unwrap().push(request.clone());
                         match script(&request) {
                             Script::Answer(bytes) => {
@@ -376,37 +248,6 @@ impl Drop for RawUpstream {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// Reads one request (head + body); `None` on a clean close before any byte.
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
-    let mut buf = Vec::new();
-    let head_end = loop {
-        if let Some(at) = find(&buf, b"\r\n\r\n") {
-            break at + 4;
-        }
-        let mut chunk = [0u8; 8192];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let lower = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
-    if lower.contains("transfer-encoding: chunked") {
-        while find(&buf[head_end..], b"0\r\n\r\n").is_none() {
-            fill(stream, &mut buf).await?;
-        }
-    } else if let Some(length) = lower
-        .split("\r\n")
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse::<usize>().ok())
-    {
-        while buf.len() < head_end + length {
-            fill(stream, &mut buf).await?;
-        }
-    }
-    Ok(Some(buf))
 }
 
 /// A canned 200 answer with the given extra header lines and a small PowerJob body.

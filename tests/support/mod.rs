@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+pub mod redis;
 
 /// How long any single network step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(10);

@@ -1,55 +1,987 @@
-//! (in progress)
+//! The shared store: every replica of runonce sees the same records, kept in Redis (standalone, TLS or Cluster).
+//!
+//! **Layout.** One hash per key, `runonce:{<64-hex key>}`; the braces are a hash tag, so a record and all a
+//! script touches live in one slot of a Redis Cluster. Fields: `state` (`inflight` | `done` | `unknown`), `owner`
+//! (the leader's token), `fp`, `fields`, `created` and `lease_until` (milliseconds on Redis's clock), and once
+//! done `status`, `head`, `body` (the bytes as they came) and `delivered` (`0`/`1`). The hash's time to live is
+//! the record's expiry: max(window, lease) from the claim, raised to at least the lease by each renew, the window
+//! again from completion or from turning unknown.
+//!
+//! **Scripts.** Every operation is one Lua script (`lua/*.lua`, each prefixed with `lua/lib.lua`): atomic, one
+//! round trip. It is sent as `EVALSHA`, and on a `NOSCRIPT` answer (a new, restarted or flushed server) as `EVAL`
+//! with its source, which caches it there; both name the record as their only key, so in a Cluster only the node
+//! holding it has to answer. The scripts read the clock with `TIME`: leases and ages are measured on Redis's
+//! clock, which all replicas share, never on theirs. The semantics are those of [`super::memory`], the reference.
+//!
+//! **Fencing.** A claim stores a fresh owner token (from [`super::new_token`]). Renew, complete, release and mark
+//! unknown first check, inside the script, that the record is in flight, owned by that token, and that its lease
+//! still holds at Redis's `TIME`; otherwise they change nothing and answer `0` (`Ok(false)`). A leader whose
+//! lease ran out, or whose record was released, purged or taken over and claimed anew, can no longer write.
+//!
+//! **Waking waiters.** Every change a waiter may wait for is published on `runonce:{<key>}:changed`: complete,
+//! release, mark unknown, a claim that turns a record unknown, mark delivered, purge. A claim of a free key and a
+//! renew are not: waiters wait on in-flight records only, and a renew changes nothing they look at (in
+//! [`super::memory`] these wake nobody either). Each `RedisStore` keeps ONE listener connection holding a single
+//! `PSUBSCRIBE runonce:{*}:changed`, and a registry `channel → Notify` of the keys someone waits on.
+//!
+//! One pattern rather than a `SUBSCRIBE` per waited-on key: the subscription exists before any waiter
+//! registers, so a waiter needs no subscribe round trip, cannot race its own subscription, and leaves nothing to
+//! unsubscribe; the price is that each replica hears of every change, a few bytes dropped after one map look-up.
+//! A waiter registers, then asks Redis once more whether the record is still in flight under a live lease (a
+//! change between the caller's read and the registration was published before anyone listened), and sleeps until
+//! a message or until `poll`, the fallback when a message is lost (listener down or reconnecting). A registry
+//! entry goes with its last waiter, however that waiter ends (woken, polled out, or dropped). After every
+//! (re)subscription all waiters are woken to look again: what changed while nobody listened is not known.
+//!
+//! The listener speaks RESP3 (Redis 6 or later): pushes arrive on an ordinary connection, which also answers the
+//! `PING` (every [`LISTENER_PING_EVERY`]) that finds a connection gone silent. On any failure it connects anew,
+//! with a back-off of at most a second. In Cluster mode a classic `PUBLISH` reaches every node, so the listener
+//! uses any one seed node, and the next one when that one is down.
+//!
+//! **Connections and failures.** All operations share one multiplexed connection: the redis crate's
+//! `ConnectionManager` (standalone) or its async Cluster connection, both made lazily, so an unreachable Redis at
+//! start is not an error: operations fail until it answers, and the connection is made again by itself after
+//! Redis restarts. Every operation is bounded by `op_timeout`; a time-out, an error or an unexpected answer is a
+//! [`StoreError`], never a panic. After [`RECONNECT_AFTER_TIMEOUTS`] time-outs in a row the connection is
+//! replaced: one whose peer vanished without a reset (host down, network cut) would never fail by itself, and the
+//! redis crate does not count a time-out as a broken connection.
+//!
+//! **Retries.** A client library may send a script again after a connection broke (the Cluster connection does).
+//! A claim or takeover that then finds its own token on an in-flight record knows its first attempt went through:
+//! it leads.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
-use super::{Claim, ClaimInfo, Key, Record, Store, StoreError, Stored};
+use bytes::Bytes;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo,
+    ProtocolVersion, PushKind, RedisError, ServerErrorKind, Value,
+};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::{new_token, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+
+/// Time-outs in a row after which the shared connection is replaced by a new one.
+pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
+
+/// The pattern the listener subscribes to; every record's channel matches it.
+const CHANNEL_PATTERN: &str = "runonce:{*}:changed";
+
+/// How often the listener checks its connection with a `PING` (a dead one would never say so).
+const LISTENER_PING_EVERY: Duration = Duration::from_secs(2);
+
+/// Shortest and longest pause between the listener's connection attempts.
+const LISTENER_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
+
+/// The store on Redis. Cheap to clone: clones share the connection, the listener and the waiters.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    target: Target,
+    /// The connection every operation uses; replaced after repeated time-outs.
+    conn: RwLock<Conn>,
+    timeouts_in_a_row: AtomicU32,
+    /// When the connection was last replaced: at most once per `op_timeout`.
+    replaced_at: Mutex<Instant>,
+    op_timeout: Duration,
+    waiters: Arc<Registry>,
+    /// The listener task, stopped when the last clone of the store goes.
+    _listener: AbortOnDrop,
+}
+
+/// What the shared connection is made from.
+#[allow(clippy::large_enum_variant)] // one per store, inside its `Arc`
+enum Target {
+    Standalone(Client),
+    Cluster(ClusterClient),
+}
 
 #[derive(Clone)]
-pub struct RedisStore;
+enum Conn {
+    Standalone(ConnectionManager),
+    Cluster(ClusterConnection),
+}
 
 impl RedisStore {
-    pub async fn connect(_url: &str, _op_timeout: Duration) -> Result<RedisStore, StoreError> {
-        Err(StoreError {
+    /// A store on `url`: `redis://host:port/db`, `rediss://…` (TLS), or `redis+cluster://host:port,host:port`
+    /// (also `rediss+cluster://`; user and password, if any, before the first host apply to all).
+    ///
+    /// Makes no connection before it returns: a malformed URL is an error at once, an unreachable Redis is not
+    /// (operations fail with a [`StoreError`] until it answers). Every operation is bounded by `op_timeout`.
+    /// Must be called within a Tokio runtime (it starts the listener task).
+    pub async fn connect(url: &str, op_timeout: Duration) -> Result<RedisStore, StoreError> {
+        let invalid = |cause: String| StoreError {
             op: "connect",
-            cause: "not built yet".into(),
-        })
+            cause,
+        };
+        let url = url.trim();
+        if url.starts_with("rediss") {
+            // rustls needs one process-wide crypto provider; an error only says one is installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let (target, nodes) = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            cluster_target("redis", rest, op_timeout).map_err(invalid)?
+        } else if let Some(rest) = url.strip_prefix("rediss+cluster://") {
+            cluster_target("rediss", rest, op_timeout).map_err(invalid)?
+        } else if url.starts_with("redis://") || url.starts_with("rediss://") {
+            let info = url
+                .into_connection_info()
+                .map_err(|e| invalid(format!("invalid Redis URL: {e}")))?;
+            let client = Client::open(info.clone())
+                .map_err(|e| invalid(format!("invalid Redis URL: {e}")))?;
+            (Target::Standalone(client), vec![info])
+        } else {
+            return Err(invalid(
+                "expected redis://, rediss://, redis+cluster:// or rediss+cluster://".into(),
+            ));
+        };
+        let conn = target
+            .open(op_timeout)
+            .map_err(|e| invalid(e.to_string()))?;
+        let waiters = Arc::new(Registry::default());
+        let listener = tokio::spawn(listen(nodes, Arc::clone(&waiters), op_timeout));
+        let store = RedisStore {
+            inner: Arc::new(Inner {
+                target,
+                conn: RwLock::new(conn),
+                timeouts_in_a_row: AtomicU32::new(0),
+                replaced_at: Mutex::new(Instant::now()),
+                op_timeout,
+                waiters,
+                _listener: AbortOnDrop(listener),
+            }),
+        };
+        // Start connecting now rather than on the first request; the outcome does not matter here.
+        if let Conn::Standalone(mut conn) = store.current() {
+            tokio::spawn(async move {
+                let ping = redis::cmd("PING");
+                let _ =
+                    tokio::time::timeout(op_timeout, ping.query_async::<Value>(&mut conn)).await;
+            });
+        }
+        Ok(store)
+    }
+
+    /// Whether the listener is subscribed right now (else waiters only poll). For readiness and metrics.
+    pub fn listening(&self) -> bool {
+        self.inner.waiters.listening.load(Ordering::Relaxed)
+    }
+
+    /// How many keys have a waiter right now (the registry's size).
+    pub fn waited_keys(&self) -> usize {
+        self.inner.waiters.lock().len()
+    }
+
+    fn current(&self) -> Conn {
+        self.inner
+            .conn
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Runs one script, bounded by the operation time-out.
+    async fn eval(
+        &self,
+        op: &'static str,
+        script: &Script,
+        key: &Key,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
+        let record = record_key(key);
+        let mut conn = self.current();
+        let answer =
+            tokio::time::timeout(self.inner.op_timeout, conn.eval(script, &record, args)).await;
+        match answer {
+            Ok(Ok(value)) => {
+                self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                Ok(value)
+            }
+            Ok(Err(err)) => {
+                if err.is_timeout() {
+                    self.timed_out();
+                } else {
+                    // An answer, if only an error: the connection is alive.
+                    self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                }
+                Err(StoreError {
+                    op,
+                    cause: format!("redis: {err}"),
+                })
+            }
+            Err(_) => {
+                self.timed_out();
+                Err(StoreError {
+                    op,
+                    cause: format!(
+                        "no answer from redis within {} ms",
+                        self.inner.op_timeout.as_millis()
+                    ),
+                })
+            }
+        }
+    }
+
+    /// Counts a time-out; replaces the connection after [`RECONNECT_AFTER_TIMEOUTS`] in a row.
+    fn timed_out(&self) {
+        let inner = &self.inner;
+        if inner.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < RECONNECT_AFTER_TIMEOUTS {
+            return;
+        }
+        let mut replaced_at = inner
+            .replaced_at
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if replaced_at.elapsed() < inner.op_timeout {
+            return;
+        }
+        if let Ok(conn) = inner.target.open(inner.op_timeout) {
+            *inner
+                .conn
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) = conn;
+            *replaced_at = Instant::now();
+            inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+            tracing::warn!(
+                "redis store: no answer {RECONNECT_AFTER_TIMEOUTS} times in a row, connecting anew"
+            );
+        }
+    }
+
+    /// Whether the record is in flight under a live lease (a waiter keeps waiting).
+    async fn is_in_flight(&self, key: &Key) -> Result<bool, StoreError> {
+        let value = self.eval("changed", &scripts().in_flight, key, &[]).await?;
+        flag("changed", &value)
+    }
+
+    async fn change(
+        &self,
+        op: &'static str,
+        script: &Script,
+        key: &Key,
+        args: &[&[u8]],
+    ) -> Result<bool, StoreError> {
+        let value = self.eval(op, script, key, args).await?;
+        flag(op, &value)
     }
 }
 
 impl Store for RedisStore {
-    async fn claim(&self, _: &Key, _: &ClaimInfo) -> Result<Claim, StoreError> {
-        todo!()
+    async fn claim(&self, key: &Key, info: &ClaimInfo) -> Result<Claim, StoreError> {
+        let token = new_token();
+        let (lease, window) = (millis(info.lease), millis(info.window));
+        let value = self
+            .eval(
+                "claim",
+                &scripts().claim,
+                key,
+                &[
+                    token.as_bytes(),
+                    info.fingerprint.as_bytes(),
+                    info.fields.as_bytes(),
+                    lease.as_bytes(),
+                    window.as_bytes(),
+                ],
+            )
+            .await?;
+        claim_answer("claim", value, token)
     }
-    async fn takeover(&self, _: &Key, _: &str, _: &ClaimInfo) -> Result<Claim, StoreError> {
-        todo!()
+
+    async fn takeover(
+        &self,
+        key: &Key,
+        previous_owner: &str,
+        info: &ClaimInfo,
+    ) -> Result<Claim, StoreError> {
+        let token = new_token();
+        let (lease, window) = (millis(info.lease), millis(info.window));
+        let value = self
+            .eval(
+                "takeover",
+                &scripts().takeover,
+                key,
+                &[
+                    previous_owner.as_bytes(),
+                    token.as_bytes(),
+                    info.fingerprint.as_bytes(),
+                    info.fields.as_bytes(),
+                    lease.as_bytes(),
+                    window.as_bytes(),
+                ],
+            )
+            .await?;
+        claim_answer("takeover", value, token)
     }
-    async fn renew(&self, _: &Key, _: &str, _: Duration) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn renew(&self, key: &Key, token: &str, lease: Duration) -> Result<bool, StoreError> {
+        let lease = millis(lease);
+        self.change(
+            "renew",
+            &scripts().renew,
+            key,
+            &[token.as_bytes(), lease.as_bytes()],
+        )
+        .await
     }
+
     async fn complete(
         &self,
-        _: &Key,
-        _: &str,
-        _: &Stored,
-        _: Duration,
+        key: &Key,
+        token: &str,
+        response: &Stored,
+        window: Duration,
     ) -> Result<bool, StoreError> {
-        todo!()
+        let (window, status) = (millis(window), response.status.to_string());
+        self.change(
+            "complete",
+            &scripts().complete,
+            key,
+            &[
+                token.as_bytes(),
+                window.as_bytes(),
+                status.as_bytes(),
+                &response.head,
+                &response.body,
+            ],
+        )
+        .await
     }
-    async fn release(&self, _: &Key, _: &str) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
+        self.change("release", &scripts().release, key, &[token.as_bytes()])
+            .await
     }
-    async fn mark_unknown(&self, _: &Key, _: &str, _: Duration) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn mark_unknown(
+        &self,
+        key: &Key,
+        token: &str,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        let window = millis(window);
+        self.change(
+            "mark_unknown",
+            &scripts().mark_unknown,
+            key,
+            &[token.as_bytes(), window.as_bytes()],
+        )
+        .await
     }
-    async fn mark_delivered(&self, _: &Key, _: &str) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        self.change(
+            "mark_delivered",
+            &scripts().mark_delivered,
+            key,
+            &[owner.as_bytes()],
+        )
+        .await
     }
-    async fn get(&self, _: &Key) -> Result<Option<Record>, StoreError> {
-        todo!()
+
+    async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        match self.eval("get", &scripts().get, key, &[]).await? {
+            Value::Nil => Ok(None),
+            value => match &value {
+                Value::Array(items) if text(items.first()) == Some("existing") => record(items)
+                    .map(Some)
+                    .ok_or_else(|| unexpected("get", &value)),
+                _ => Err(unexpected("get", &value)),
+            },
+        }
     }
-    async fn purge(&self, _: &Key) -> Result<bool, StoreError> {
-        todo!()
+
+    async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
+        self.change("purge", &scripts().purge, key, &[]).await
     }
-    async fn changed(&self, _: &Key, _: Duration) {
-        todo!()
+
+    async fn changed(&self, key: &Key, poll: Duration) {
+        let registration = self.inner.waiters.register(channel(key));
+        let notify = Arc::clone(&registration.notify);
+        let mut notified = pin!(notify.notified());
+        // From here on a published change wakes us (when the listener is subscribed).
+        notified.as_mut().enable();
+        let _ = tokio::time::timeout(poll, async {
+            // A change between the caller's last read and the registration was published before we listened:
+            // look once more. If Redis cannot say, sleep until the poll rather than spin.
+            if let Ok(false) = self.is_in_flight(key).await {
+                return;
+            }
+            notified.await;
+        })
+        .await;
+        drop(registration);
+    }
+}
+
+impl Target {
+    /// A new shared connection; it connects on first use and reconnects by itself.
+    fn open(&self, op_timeout: Duration) -> Result<Conn, RedisError> {
+        Ok(match self {
+            Target::Standalone(client) => {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(op_timeout))
+                    // The store's own time-out bounds each operation and counts toward replacing the connection.
+                    .set_response_timeout(None)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(1));
+                Conn::Standalone(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    config,
+                )?)
+            }
+            Target::Cluster(client) => Conn::Cluster(
+                client.get_pending_async_connection_with_config(
+                    ClusterConfig::new()
+                        .set_connection_timeout(op_timeout)
+                        .set_response_timeout(op_timeout),
+                ),
+            ),
+        })
+    }
+}
+
+impl Conn {
+    /// `EVALSHA`; when the server does not have the script yet (`NOSCRIPT`: new, restarted, flushed), `EVAL`
+    /// with its source, which also caches it. Both name the record as their one key, so in a Cluster they go to
+    /// the node that holds it, and only that node has to answer.
+    async fn eval(
+        &mut self,
+        script: &Script,
+        record: &str,
+        args: &[&[u8]],
+    ) -> redis::RedisResult<Value> {
+        let call = |command: &str, script: &str| {
+            let mut cmd = redis::cmd(command);
+            cmd.arg(script).arg(1).arg(record);
+            for arg in args {
+                cmd.arg(*arg);
+            }
+            cmd
+        };
+        match self.query(&call("EVALSHA", &script.sha1)).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.query(&call("EVAL", script.source)).await
+            }
+            answer => answer,
+        }
+    }
+
+    async fn query(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        match self {
+            Conn::Standalone(conn) => cmd.query_async(conn).await,
+            Conn::Cluster(conn) => cmd.query_async(conn).await,
+        }
+    }
+}
+
+/// Parses `host:port,host:port[/db][?query]` (after the `…+cluster://` scheme) into a Cluster client and the
+/// seed nodes.
+fn cluster_target(
+    scheme: &str,
+    rest: &str,
+    op_timeout: Duration,
+) -> Result<(Target, Vec<ConnectionInfo>), String> {
+    let hosts_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, suffix) = rest.split_at(hosts_end);
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        None => (String::new(), authority),
+    };
+    let mut nodes = Vec::new();
+    for host in hosts.split(',') {
+        if host.trim().is_empty() {
+            return Err(format!(
+                "invalid Redis Cluster URL: empty host in {hosts:?}; expected {scheme}+cluster://host:port,host:port"
+            ));
+        }
+        let node = format!("{scheme}://{userinfo}{}{suffix}", host.trim());
+        let info = node
+            .as_str()
+            .into_connection_info()
+            .map_err(|e| format!("invalid Redis Cluster node {host:?}: {e}"))?;
+        nodes.push(info);
+    }
+    let client = ClusterClientBuilder::new(nodes.clone())
+        .connection_timeout(op_timeout)
+        .response_timeout(op_timeout)
+        .build()
+        .map_err(|e| format!("invalid Redis Cluster URL: {e}"))?;
+    Ok((Target::Cluster(client), nodes))
+}
+
+/// The record's hash: `runonce:{<key>}`.
+fn record_key(key: &Key) -> String {
+    format!("runonce:{{{key}}}")
+}
+
+/// The record's change channel: `runonce:{<key>}:changed`.
+fn channel(key: &Key) -> String {
+    format!("runonce:{{{key}}}:changed")
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().to_string()
+}
+
+/// A Lua script: its source (the shared functions, then its own) and the source's SHA-1 for `EVALSHA`.
+struct Script {
+    source: &'static str,
+    sha1: String,
+}
+
+impl Script {
+    fn new(source: &'static str) -> Script {
+        Script {
+            source,
+            // The redis crate computes the digest `EVALSHA` wants.
+            sha1: redis::Script::new(source).get_hash().to_string(),
+        }
+    }
+}
+
+/// The scripts, each prefixed with the shared functions.
+struct Scripts {
+    claim: Script,
+    takeover: Script,
+    renew: Script,
+    complete: Script,
+    release: Script,
+    mark_unknown: Script,
+    mark_delivered: Script,
+    get: Script,
+    purge: Script,
+    in_flight: Script,
+}
+
+fn scripts() -> &'static Scripts {
+    static SCRIPTS: OnceLock<Scripts> = OnceLock::new();
+    macro_rules! script {
+        ($file:literal) => {
+            Script::new(concat!(include_str!("lua/lib.lua"), include_str!($file)))
+        };
+    }
+    SCRIPTS.get_or_init(|| Scripts {
+        claim: script!("lua/claim.lua"),
+        takeover: script!("lua/takeover.lua"),
+        renew: script!("lua/renew.lua"),
+        complete: script!("lua/complete.lua"),
+        release: script!("lua/release.lua"),
+        mark_unknown: script!("lua/mark_unknown.lua"),
+        mark_delivered: script!("lua/mark_delivered.lua"),
+        get: script!("lua/get.lua"),
+        purge: script!("lua/purge.lua"),
+        in_flight: script!("lua/in_flight.lua"),
+    })
+}
+
+// ---- answers ----------------------------------------------------------------------------------------------
+
+fn unexpected(op: &'static str, value: &Value) -> StoreError {
+    let mut shown = format!("{value:?}");
+    if shown.len() > 200 {
+        let mut end = 200;
+        while !shown.is_char_boundary(end) {
+            end -= 1;
+        }
+        shown.truncate(end);
+        shown.push('…');
+    }
+    StoreError {
+        op,
+        cause: format!("unexpected answer from redis: {shown}"),
+    }
+}
+
+fn bytes(value: Option<&Value>) -> Option<&[u8]> {
+    match value? {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.as_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(value: Option<&Value>) -> Option<&str> {
+    std::str::from_utf8(bytes(value)?).ok()
+}
+
+fn int(value: Option<&Value>) -> Option<i64> {
+    match value? {
+        Value::Int(n) => Some(*n),
+        other => text(Some(other))?.parse().ok(),
+    }
+}
+
+/// A `0`/`1` answer.
+fn flag(op: &'static str, value: &Value) -> Result<bool, StoreError> {
+    match int(Some(value)) {
+        Some(0) => Ok(false),
+        Some(1) => Ok(true),
+        _ => Err(unexpected(op, value)),
+    }
+}
+
+/// `{'leader'}` or a record. A record that carries our own token means an earlier attempt of this very claim
+/// went through (the client library sent the script again after a broken connection): we lead.
+fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, StoreError> {
+    let Value::Array(items) = &value else {
+        return Err(unexpected(op, &value));
+    };
+    match text(items.first()) {
+        Some("leader") => Ok(Claim::Leader(token)),
+        Some("existing") => {
+            let record = record(items).ok_or_else(|| unexpected(op, &value))?;
+            if record.owner == token && record.state == State::InFlight {
+                return Ok(Claim::Leader(token));
+            }
+            Ok(Claim::Existing(record))
+        }
+        _ => Err(unexpected(op, &value)),
+    }
+}
+
+/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}` as a [`Record`].
+fn record(items: &[Value]) -> Option<Record> {
+    if items.len() != 10 {
+        return None;
+    }
+    let state = match text(items.get(1))? {
+        "inflight" => State::InFlight,
+        "unknown" => State::Unknown,
+        "done" => State::Done {
+            response: Stored {
+                status: text(items.get(6))?.parse().ok()?,
+                head: Bytes::copy_from_slice(bytes(items.get(7))?),
+                body: Bytes::copy_from_slice(bytes(items.get(8))?),
+            },
+            delivered: match text(items.get(9))? {
+                "1" => true,
+                "0" => false,
+                _ => return None,
+            },
+        },
+        _ => return None,
+    };
+    Some(Record {
+        state,
+        owner: text(items.get(2))?.to_string(),
+        fingerprint: text(items.get(3))?.to_string(),
+        fields: text(items.get(4))?.to_string(),
+        age_ms: u64::try_from(int(items.get(5))?).unwrap_or(0),
+    })
+}
+
+// ---- waiters and the listener -----------------------------------------------------------------------------
+
+/// The keys someone waits on, by channel name, and whether the listener is subscribed.
+#[derive(Default)]
+struct Registry {
+    channels: Mutex<HashMap<String, Waiting>>,
+    listening: AtomicBool,
+}
+
+struct Waiting {
+    notify: Arc<Notify>,
+    waiters: usize,
+}
+
+/// One waiter's place in the registry; leaving removes the entry with its last waiter.
+struct Registration<'a> {
+    registry: &'a Registry,
+    channel: String,
+    notify: Arc<Notify>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Waiting>> {
+        // Every change under this lock is a single insert, update or remove: consistent after a panic.
+        self.channels
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn register(&self, channel: String) -> Registration<'_> {
+        let mut channels = self.lock();
+        let waiting = channels.entry(channel.clone()).or_insert_with(|| Waiting {
+            notify: Arc::new(Notify::new()),
+            waiters: 0,
+        });
+        waiting.waiters += 1;
+        Registration {
+            registry: self,
+            notify: Arc::clone(&waiting.notify),
+            channel,
+        }
+    }
+
+    fn wake(&self, channel: &[u8]) {
+        let Ok(channel) = std::str::from_utf8(channel) else {
+            return;
+        };
+        if let Some(waiting) = self.lock().get(channel) {
+            waiting.notify.notify_waiters();
+        }
+    }
+
+    /// Wakes everyone: after (re)subscribing, changes made while nobody listened are unknown.
+    fn wake_all(&self) {
+        for waiting in self.lock().values() {
+            waiting.notify.notify_waiters();
+        }
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut channels = self.registry.lock();
+        if let Some(waiting) = channels.get_mut(&self.channel) {
+            waiting.waiters = waiting.waiters.saturating_sub(1);
+            if waiting.waiters == 0 {
+                channels.remove(&self.channel);
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The listener: one subscribed connection at a time, to the seed nodes in turn, for as long as the store lives.
+async fn listen(nodes: Vec<ConnectionInfo>, registry: Arc<Registry>, op_timeout: Duration) {
+    let mut backoff = LISTENER_BACKOFF.0;
+    let mut failures = 0u64;
+    let mut next = 0;
+    loop {
+        let node = &nodes[next % nodes.len()];
+        let outcome = listen_on(node, &registry, op_timeout).await;
+        registry.listening.store(false, Ordering::Relaxed);
+        match outcome {
+            // It was subscribed: try again soon, on the same node.
+            Ok(()) => {
+                tracing::info!(
+                    "redis store listener lost {}; waiters poll until it is back",
+                    node.addr()
+                );
+                failures = 0;
+                backoff = LISTENER_BACKOFF.0;
+            }
+            Err(cause) => {
+                failures += 1;
+                // Once per outage at warn, then quietly: the store's readiness shows it too.
+                if failures == 1 {
+                    tracing::warn!("redis store listener on {}: {cause}", node.addr());
+                } else {
+                    tracing::debug!("redis store listener on {}: {cause}", node.addr());
+                }
+                next += 1;
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        if failures > 0 {
+            backoff = (backoff * 2).min(LISTENER_BACKOFF.1);
+        }
+    }
+}
+
+/// One listener session: connect, subscribe, wake waiters on messages until the connection fails.
+async fn listen_on(
+    node: &ConnectionInfo,
+    registry: &Registry,
+    op_timeout: Duration,
+) -> Result<(), String> {
+    let node = node.clone().set_redis_settings(
+        node.redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3),
+    );
+    let client = Client::open(node).map_err(|e| e.to_string())?;
+    let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel();
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(op_timeout))
+        .set_response_timeout(Some(op_timeout))
+        .set_push_sender(pushes);
+    let bounded = |what: &str| format!("{what}: no answer within {} ms", op_timeout.as_millis());
+    let mut conn = tokio::time::timeout(
+        op_timeout,
+        client.get_multiplexed_async_connection_with_config(&config),
+    )
+    .await
+    .map_err(|_| bounded("connect"))?
+    .map_err(|e| format!("connect: {e}"))?;
+    tokio::time::timeout(op_timeout, conn.psubscribe(CHANNEL_PATTERN))
+        .await
+        .map_err(|_| bounded("psubscribe"))?
+        .map_err(|e| format!("psubscribe: {e}"))?;
+    registry.listening.store(true, Ordering::Relaxed);
+    registry.wake_all();
+    let mut ping =
+        tokio::time::interval_at(Instant::now() + LISTENER_PING_EVERY, LISTENER_PING_EVERY);
+    loop {
+        tokio::select! {
+            push = received.recv() => {
+                let Some(push) = push else { return Ok(()) };
+                match push.kind {
+                    PushKind::PMessage => {
+                        if let Some(channel) = bytes(push.data.get(1)) {
+                            registry.wake(channel);
+                        }
+                    }
+                    PushKind::Message => {
+                        if let Some(channel) = bytes(push.data.first()) {
+                            registry.wake(channel);
+                        }
+                    }
+                    PushKind::Disconnection => return Ok(()),
+                    _ => {}
+                }
+            }
+            _ = ping.tick() => {
+                let ping = redis::cmd("PING");
+                let pong = tokio::time::timeout(op_timeout, ping.query_async::<Value>(&mut conn)).await;
+                if !matches!(pong, Ok(Ok(_))) {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn items(values: &[&[u8]], age: i64) -> Vec<Value> {
+        let mut items: Vec<Value> = values
+            .iter()
+            .map(|v| Value::BulkString(v.to_vec()))
+            .collect();
+        items.insert(5, Value::Int(age));
+        items
+    }
+
+    #[test]
+    fn names_share_one_hash_slot() {
+        let key = Key::from_digest(&[0xab; 32]);
+        assert_eq!(record_key(&key), format!("runonce:{{{}}}", key.as_str()));
+        assert_eq!(
+            channel(&key),
+            format!("runonce:{{{}}}:changed", key.as_str())
+        );
+    }
+
+    #[test]
+    fn records_parse_and_odd_answers_are_errors() {
+        let done = items(
+            &[
+                b"existing",
+                b"done",
+                b"tok",
+                b"fp",
+                b"{}",
+                b"201",
+                b"HTTP/1.1 201 X\r\n\r\n",
+                b"\xff\x00",
+                b"1",
+            ],
+            42,
+        );
+        let parsed = record(&done).unwrap();
+        assert_eq!(parsed.age_ms, 42);
+        assert_eq!(
+            parsed.state,
+            State::Done {
+                response: Stored {
+                    status: 201,
+                    head: Bytes::from_static(b"HTTP/1.1 201 X\r\n\r\n"),
+                    body: Bytes::from_static(b"\xff\x00"),
+                },
+                delivered: true
+            }
+        );
+        // A wrong state, a bad status, a short array: no record, no panic.
+        let mut bad = done.clone();
+        bad[1] = Value::BulkString(b"weird".to_vec());
+        assert!(record(&bad).is_none());
+        let mut bad = done.clone();
+        bad[6] = Value::BulkString(b"99999".to_vec());
+        assert!(record(&bad).is_none());
+        assert!(record(&done[..9]).is_none());
+        assert!(claim_answer("claim", Value::Int(1), "t".into()).is_err());
+        assert!(claim_answer("claim", Value::Array(vec![]), "t".into()).is_err());
+        assert!(flag("renew", &Value::Int(2)).is_err());
+        assert!(flag("renew", &Value::Nil).is_err());
+    }
+
+    #[test]
+    fn a_claim_that_finds_its_own_token_leads() {
+        let own = items(
+            &[
+                b"existing",
+                b"inflight",
+                b"tok",
+                b"fp",
+                b"{}",
+                b"",
+                b"",
+                b"",
+                b"0",
+            ],
+            1,
+        );
+        assert_eq!(
+            claim_answer("claim", Value::Array(own), "tok".into()).unwrap(),
+            Claim::Leader("tok".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn malformed_urls_are_refused_at_once() {
+        for url in [
+            "http://localhost:6379",
+            "redis://",
+            "redis://host:notaport",
+            "redis+cluster://",
+            "redis+cluster://127.0.0.1:7000,,127.0.0.1:7001",
+            "redis+cluster://127.0.0.1:x",
+        ] {
+            let started = std::time::Instant::now();
+            let err = RedisStore::connect(url, Duration::from_secs(1))
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{url} was accepted"));
+            assert_eq!(err.op, "connect");
+            assert!(started.elapsed() < Duration::from_millis(500), "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn registry_entries_go_with_their_last_waiter() {
+        let registry = Registry::default();
+        let a = registry.register("c1".into());
+        let b = registry.register("c1".into());
+        let c = registry.register("c2".into());
+        assert_eq!(registry.lock().len(), 2);
+        drop(a);
+        assert_eq!(registry.lock().len(), 2);
+        drop(b);
+        drop(c);
+        assert!(registry.lock().is_empty());
     }
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 use runonce::rawhttp;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+pub mod redis;
 
 /// How long any single network step of a test may take before the test fails.
 pub const STEP: Duration = Duration::from_secs(10);

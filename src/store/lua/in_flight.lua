@@ -1,0 +1,6 @@
+-- in_flight: 1 while the record is in flight under a live lease (a waiter keeps waiting), else 0.
+local r = redis.call('HMGET', record_key, 'state', 'lease_until')
+if r[1] == 'inflight' and (tonumber(r[2]) or 0) >= now_ms() then
+  return 1
+end
+return 0

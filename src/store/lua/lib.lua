@@ -1,0 +1,60 @@
+-- Shared by every script (prepended to each one). KEYS[1] is the record: the hash `runonce:{<key>}`.
+-- Its change channel `runonce:{<key>}:changed` is derived from it, so a script names one key only and
+-- runs in that key's hash slot.
+local record_key = KEYS[1]
+local channel = record_key .. ':changed'
+
+-- Redis's clock in milliseconds. Every replica of runonce uses this one clock, so leases and ages do not
+-- depend on how well the replicas' clocks agree.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A whole number as Redis wants it (Lua 5.1 would print large numbers in exponent form).
+local function int(n)
+  return string.format('%.0f', n)
+end
+
+-- Wakes the waiters of this key on every runonce replica (pub/sub; polling is their fallback).
+local function changed(what)
+  redis.call('PUBLISH', channel, what)
+end
+
+-- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}, or false
+-- when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed here.
+local function read_record(now)
+  local r = redis.call('HMGET', record_key, 'state', 'owner', 'fp', 'fields', 'created', 'lease_until',
+    'status', 'head', 'body', 'delivered')
+  if not r[1] then
+    return false
+  end
+  local state = r[1]
+  if state == 'inflight' and (tonumber(r[6]) or 0) < now then
+    state = 'unknown'
+  end
+  local age = now - (tonumber(r[5]) or now)
+  if age < 0 then
+    age = 0
+  end
+  return {'existing', state, r[2] or '', r[3] or '', r[4] or '', age, r[7] or '', r[8] or '', r[9] or '',
+    r[10] or '0'}
+end
+
+-- Fencing: whether `token` leads the record and its lease still holds. Every change a leader makes
+-- passes this check first; a leader whose lease ran out, or whose record was replaced, is refused.
+local function leads(token, now)
+  local r = redis.call('HMGET', record_key, 'state', 'owner', 'lease_until')
+  return r[1] == 'inflight' and r[2] == token and (tonumber(r[3]) or 0) >= now
+end
+
+-- A new in-flight record led by `token`, kept for max(window, lease). Not published: nobody waits on a
+-- key that had no record, or only a delivered answer (waiters wait on in-flight records).
+local function create(token, fp, fields, lease, window, now)
+  redis.call('DEL', record_key)
+  redis.call('HSET', record_key, 'state', 'inflight', 'owner', token, 'fp', fp, 'fields', fields,
+    'created', int(now), 'lease_until', int(now + lease), 'delivered', '0')
+  redis.call('PEXPIRE', record_key, int(math.max(window, lease)))
+  return {'leader'}
+end
+

@@ -48,7 +48,11 @@ async fn a_storm_of_200_concurrent_duplicates_creates_one_instance() {
         assert_eq!(answer.status, 200, "{}", answer.text());
         assert_eq!(answer.exact("X-POWERJOB-AUTH-PASSED"), Some("true"));
         replayed += usize::from(answer.exact("Idempotent-Replayed") == Some("true"));
-        ids.push(answer.json().unwrap()["data"].as_i64().expect("an instance id"));
+        ids.push(
+            answer.json().unwrap()["data"]
+                .as_i64()
+                .expect("an instance id"),
+        );
     }
     assert_eq!(instances(&mock).await, 1);
     ids.dedup();
@@ -73,14 +77,20 @@ async fn a_deliberate_repeat_runs_but_the_same_idempotency_key_replays() {
         2,
         "the first answer was delivered: an identical call is a new call"
     );
-    assert_ne!(first.json().unwrap()["data"], second.json().unwrap()["data"]);
+    assert_ne!(
+        first.json().unwrap()["data"],
+        second.json().unwrap()["data"]
+    );
     assert_eq!(second.exact("Idempotent-Replayed"), None);
 
     let key = "Idempotency-Key: 0f6e4c9a-1\r\n";
     let first = run_job(addr, FORM, key).await;
     let second = run_job(addr, FORM, key).await;
     assert_eq!(instances(&mock).await, 3, "one instance for the keyed pair");
-    assert_eq!(first.json().unwrap()["data"], second.json().unwrap()["data"]);
+    assert_eq!(
+        first.json().unwrap()["data"],
+        second.json().unwrap()["data"]
+    );
     assert_eq!(first.exact("Idempotent-Replayed"), None);
     assert_eq!(second.exact("Idempotent-Replayed"), Some("true"));
     // The replay keeps the header names' case byte for byte.
@@ -109,7 +119,10 @@ async fn a_caller_that_disconnects_gets_the_stored_answer_on_retry() {
     // That replay was delivered: an identical call now is a deliberate repeat.
     let repeat = run_job(addr, FORM, "").await;
     assert_eq!(repeat.exact("Idempotent-Replayed"), None);
-    assert_ne!(repeat.json().unwrap()["data"], retry.json().unwrap()["data"]);
+    assert_ne!(
+        repeat.json().unwrap()["data"],
+        retry.json().unwrap()["data"]
+    );
     assert_eq!(instances(&mock).await, 2);
 }
 
@@ -146,7 +159,10 @@ async fn after_the_window_an_identical_call_creates_a_new_instance() {
     let addr = proxy.addr("proxy");
     let first = run_job(addr, FORM, "").await;
     let within = run_job(addr, FORM, "").await;
-    assert_eq!(within.json().unwrap()["data"], first.json().unwrap()["data"]);
+    assert_eq!(
+        within.json().unwrap()["data"],
+        first.json().unwrap()["data"]
+    );
     assert_eq!(instances(&mock).await, 1);
     tokio::time::sleep(Duration::from_millis(1300)).await;
     let after = run_job(addr, FORM, "").await;
@@ -256,8 +272,14 @@ async fn an_idempotency_key_reused_with_another_payload_is_refused_naming_the_fi
     );
     let other = run_job(addr, "jobId=6&delay=0&appId=1&instanceParams=x", key).await;
     assert_eq!(other.status, 422);
-    assert_eq!(other.json().unwrap()["code"], "RUNONCE_IDEMPOTENCY_KEY_REUSED");
-    let message = other.json().unwrap()["message"].as_str().unwrap().to_string();
+    assert_eq!(
+        other.json().unwrap()["code"],
+        "RUNONCE_IDEMPOTENCY_KEY_REUSED"
+    );
+    let message = other.json().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(message.contains("instanceParams, jobId"), "{message}");
     assert_eq!(instances(&mock).await, 1);
 

@@ -14,11 +14,15 @@ const RUN_JOB: &str = "/openApi/runJob";
 const FORM: &str = "jobId=5&delay=0&appId=1&instanceParams=replicas";
 
 async fn run_job(proxy: SocketAddr) -> RawResponse {
-    raw(proxy, &form_post(RUN_JOB, FORM, "")).await.expect("runJob answer")
+    raw(proxy, &form_post(RUN_JOB, FORM, ""))
+        .await
+        .expect("runJob answer")
 }
 
 async fn instances(mock: &Process) -> u64 {
-    mock_stats(mock.addr("mock")).await["instances"].as_u64().unwrap()
+    mock_stats(mock.addr("mock")).await["instances"]
+        .as_u64()
+        .unwrap()
 }
 
 /// Sends `n` identical `runJob` at once, spread over `proxies`; returns the instance ids answered.
@@ -33,7 +37,11 @@ async fn storm(proxies: &[SocketAddr], n: usize) -> Vec<i64> {
     for call in calls {
         let answer = call.await.unwrap();
         assert_eq!(answer.status, 200, "{}", answer.text());
-        ids.push(answer.json().unwrap()["data"].as_i64().expect("an instance id"));
+        ids.push(
+            answer.json().unwrap()["data"]
+                .as_i64()
+                .expect("an instance id"),
+        );
     }
     ids.sort();
     ids.dedup();
@@ -45,17 +53,24 @@ async fn the_510_client_failing_over_between_two_proxies_creates_one_instance() 
     let redis = RedisServer::start();
     // Slower than the client's 2 s call timeout: it gives up on the first proxy and sends to the second.
     let mock = mock("v5.1.0-auth-off", 3000);
-    let store = ["--store", redis.url()];
+    let store_url = redis.url();
+    let store = ["--store", store_url.as_str()];
     let a = proxy(&[url(mock.addr("mock"))], &store);
     let b = proxy(&[url(mock.addr("mock"))], &store);
     let addresses = vec![a.addr("proxy").to_string(), b.addr("proxy").to_string()];
     let mut client = Client510::connect(ClientConfig::new(addresses, "my-app", "123456"))
         .await
         .expect("client");
-    let result = client.run_job(5, "", 0).await.expect("runJob through the second proxy");
+    let result = client
+        .run_job(5, "", 0)
+        .await
+        .expect("runJob through the second proxy");
     assert!(result.success, "{result:?}");
     assert!(
-        client.log().iter().any(|line| line.contains("server change")),
+        client
+            .log()
+            .iter()
+            .any(|line| line.contains("server change")),
         "the client failed over: {:?}",
         client.log()
     );
@@ -65,17 +80,23 @@ async fn the_510_client_failing_over_between_two_proxies_creates_one_instance() 
     let created = stats["instances_by_job"]["5"].as_u64();
     assert_eq!(created, Some(1), "{stats}");
     let id = result.data_i64().expect("instance id");
-    assert!(instance_exists(&mock, id, 5).await, "the client got the one instance's id");
+    assert!(
+        instance_exists(&mock, id, 5).await,
+        "the client got the one instance's id"
+    );
 }
 
 /// Whether the mock knows an instance with this id, created for `job`.
 async fn instance_exists(mock: &Process, id: i64, job: i64) -> bool {
     let body = format!("instanceId={id}&appId=1");
-    let info = raw(mock.addr("mock"), &form_post("/openApi/fetchInstanceInfo", &body, ""))
-        .await
-        .expect("fetchInstanceInfo")
-        .json()
-        .unwrap();
+    let info = raw(
+        mock.addr("mock"),
+        &form_post("/openApi/fetchInstanceInfo", &body, ""),
+    )
+    .await
+    .expect("fetchInstanceInfo")
+    .json()
+    .unwrap();
     info["success"] == true && info["data"]["jobId"] == job
 }
 
@@ -83,7 +104,8 @@ async fn instance_exists(mock: &Process, id: i64, job: i64) -> bool {
 async fn a_storm_split_over_two_proxies_on_one_redis_creates_one_instance() {
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 1000);
-    let store = ["--store", redis.url()];
+    let store_url = redis.url();
+    let store = ["--store", store_url.as_str()];
     let a = proxy(&[url(mock.addr("mock"))], &store);
     let b = proxy(&[url(mock.addr("mock"))], &store);
     let ids = storm(&[a.addr("proxy"), b.addr("proxy")], 200).await;
@@ -95,7 +117,8 @@ async fn a_storm_split_over_two_proxies_on_one_redis_creates_one_instance() {
 async fn a_storm_on_redis_cluster_creates_one_instance() {
     let cluster = RedisCluster::start(3);
     let mock = mock("v5.1.1-auth-off", 1000);
-    let store = ["--store", cluster.url()];
+    let store_url = cluster.url();
+    let store = ["--store", store_url.as_str()];
     let a = proxy(&[url(mock.addr("mock"))], &store);
     let b = proxy(&[url(mock.addr("mock"))], &store);
     let ids = storm(&[a.addr("proxy"), b.addr("proxy")], 200).await;
@@ -104,7 +127,9 @@ async fn a_storm_on_redis_cluster_creates_one_instance() {
     // Different calls spread over the slots stay different.
     for job in 6..12 {
         let body = format!("jobId={job}&delay=0&appId=1");
-        let answer = raw(a.addr("proxy"), &form_post(RUN_JOB, &body, "")).await.unwrap();
+        let answer = raw(a.addr("proxy"), &form_post(RUN_JOB, &body, ""))
+            .await
+            .unwrap();
         assert_eq!(answer.status, 200);
     }
     assert_eq!(instances(&mock).await, 7);
@@ -114,7 +139,8 @@ async fn a_storm_on_redis_cluster_creates_one_instance() {
 async fn a_leader_killed_mid_call_leaves_the_key_unknown_and_nothing_is_sent_again() {
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 3000);
-    let store = ["--store", redis.url(), "--lease", "1s"];
+    let store_url = redis.url();
+    let store = ["--store", store_url.as_str(), "--lease", "1s"];
     let mut a = proxy(&[url(mock.addr("mock"))], &store);
     let b = proxy(&[url(mock.addr("mock"))], &store);
     let a_addr = a.addr("proxy");
@@ -124,7 +150,10 @@ async fn a_leader_killed_mid_call_leaves_the_key_unknown_and_nothing_is_sent_aga
     assert_eq!(instances(&mock).await, 1);
     a.child.kill().expect("SIGKILL the leader's proxy");
     let _ = a.child.wait();
-    assert!(lost.await.unwrap().is_err(), "the killed proxy answered nothing");
+    assert!(
+        lost.await.unwrap().is_err(),
+        "the killed proxy answered nothing"
+    );
 
     // A retry on the other replica: the lease runs out, the outcome is unknown, and it is not re-sent.
     let retry = run_job(b.addr("proxy")).await;
@@ -154,19 +183,35 @@ async fn until_ok(proxy: SocketAddr, body: &str) -> RawResponse {
 async fn redis_down_fail_closed_refuses_and_forwards_nothing_then_recovers() {
     let mut redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 0);
-    let proxy = proxy(&[url(mock.addr("mock"))], &["--store", redis.url(), "--store-timeout", "300ms"]);
+    let store = redis.url();
+    let proxy = proxy(
+        &[url(mock.addr("mock"))],
+        &["--store", &store, "--store-timeout", "300ms"],
+    );
     let addr = proxy.addr("proxy");
     assert_eq!(run_job(addr).await.status, 200);
     redis.stop();
-    for body in ["jobId=5&appId=1&instanceParams=down1", "jobId=5&appId=1&instanceParams=down2"] {
+    for body in [
+        "jobId=5&appId=1&instanceParams=down1",
+        "jobId=5&appId=1&instanceParams=down2",
+    ] {
         let answer = raw(addr, &form_post(RUN_JOB, body, "")).await.unwrap();
         assert_eq!(answer.status, 503, "{}", answer.text());
         assert_eq!(answer.json().unwrap()["code"], "RUNONCE_STORE_UNAVAILABLE");
     }
     // Unguarded routes do not need the store.
-    let status = raw(addr, &form_post("/openApi/fetchInstanceStatus", "instanceId=1&appId=1", "")).await.unwrap();
+    let status = raw(
+        addr,
+        &form_post("/openApi/fetchInstanceStatus", "instanceId=1&appId=1", ""),
+    )
+    .await
+    .unwrap();
     assert_eq!(status.status, 200);
-    assert_eq!(instances(&mock).await, 1, "nothing guarded was forwarded while Redis was down");
+    assert_eq!(
+        instances(&mock).await,
+        1,
+        "nothing guarded was forwarded while Redis was down"
+    );
     redis.restart();
     until_ok(addr, "jobId=5&appId=1&instanceParams=back").await;
     assert_eq!(instances(&mock).await, 2);
@@ -176,15 +221,27 @@ async fn redis_down_fail_closed_refuses_and_forwards_nothing_then_recovers() {
 async fn redis_down_fail_open_forwards_and_still_de_duplicates_in_process() {
     let mut redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 500);
+    let store = redis.url();
     let proxy = proxy(
         &[url(mock.addr("mock"))],
-        &["--store", redis.url(), "--store-timeout", "300ms", "--on-store-error", "fail-open"],
+        &[
+            "--store",
+            &store,
+            "--store-timeout",
+            "300ms",
+            "--on-store-error",
+            "fail-open",
+        ],
     );
     let addr = proxy.addr("proxy");
     redis.stop();
     let ids = storm(&[addr], 20).await;
     assert_eq!(ids.len(), 1, "{ids:?}");
-    assert_eq!(instances(&mock).await, 1, "forwarded once, de-duplicated in this process");
+    assert_eq!(
+        instances(&mock).await,
+        1,
+        "forwarded once, de-duplicated in this process"
+    );
     redis.restart();
     until_ok(addr, "jobId=5&appId=1&instanceParams=back").await;
     assert_eq!(instances(&mock).await, 2);

@@ -38,6 +38,8 @@ struct Entry {
     owner: String,
     fingerprint: String,
     fields: String,
+    /// The route's window, kept beyond the lease while in flight.
+    window: Duration,
     created: Instant,
     expires_at: Instant,
     /// Woken on every change of this record.
@@ -91,7 +93,8 @@ impl MemoryStore {
             });
         }
         let token = new_token();
-        let expires_at = now + info.window.max(info.lease);
+        // Lease + window: should the leader die, the record reads `Unknown` for a whole window after its lease.
+        let expires_at = now + info.lease + info.window;
         inner.expirations.insert((expires_at, key.clone()));
         inner.entries.insert(
             key.clone(),
@@ -102,6 +105,7 @@ impl MemoryStore {
                 owner: token.clone(),
                 fingerprint: info.fingerprint.clone(),
                 fields: info.fields.clone(),
+                window: info.window,
                 created: now,
                 expires_at,
                 notify: Arc::new(Notify::new()),
@@ -159,8 +163,8 @@ impl Store for MemoryStore {
                 entry.phase = Phase::InFlight {
                     lease_until: now + lease,
                 };
-                // An in-flight record outlives its window while its leader runs: never expire under a live call.
-                let expires_at = entry.expires_at.max(now + lease);
+                // Never expire under a live call, and stay `Unknown` for a window should the leader die.
+                let expires_at = entry.expires_at.max(now + lease + entry.window);
                 inner.reschedule(key, expires_at);
                 true
             }
@@ -460,5 +464,21 @@ mod tests {
             .complete(&key(1), &token, &answer(), Duration::from_secs(60))
             .await
             .unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_leaders_key_reads_unknown_for_a_window_after_its_lease() {
+        let store = MemoryStore::new(10);
+        let mut claim = info(1_000);
+        claim.lease = Duration::from_secs(3);
+        let Claim::Leader(_) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!()
+        };
+        // The leader never renews nor completes; its lease (3 s) outlasts the window (1 s).
+        tokio::time::advance(Duration::from_millis(3_500)).await;
+        let Claim::Existing(record) = store.claim(&key(1), &claim).await.unwrap() else {
+            panic!("a duplicate must not lead: the server may have acted")
+        };
+        assert_eq!(record.state, State::Unknown);
     }
 }

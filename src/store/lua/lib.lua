@@ -48,13 +48,13 @@ local function leads(token, now)
   return r[1] == 'inflight' and r[2] == token and (tonumber(r[3]) or 0) >= now
 end
 
--- A new in-flight record led by `token`, kept for max(window, lease). Not published: nobody waits on a
--- key that had no record, or only a delivered answer (waiters wait on in-flight records).
+-- A new in-flight record led by `token`. It lives for lease + window: should its leader die, the record
+-- still reads 'unknown' for a whole window after the lease ran out. Not published: nobody waits on a key
+-- that had no record, or only a delivered answer (waiters wait on in-flight records).
 local function create(token, fp, fields, lease, window, now)
   redis.call('DEL', record_key)
   redis.call('HSET', record_key, 'state', 'inflight', 'owner', token, 'fp', fp, 'fields', fields,
-    'created', int(now), 'lease_until', int(now + lease), 'delivered', '0')
-  redis.call('PEXPIRE', record_key, int(math.max(window, lease)))
+    'created', int(now), 'lease_until', int(now + lease), 'window', int(window), 'delivered', '0')
+  redis.call('PEXPIRE', record_key, int(lease + window))
   return {'leader'}
 end
-

@@ -250,6 +250,30 @@ impl Settings {
         if let Some((key, value)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::new(*key, value, "must be greater than zero"));
         }
+        // Durations are added to clock readings; a year is more than any of them needs, and cannot overflow.
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let durations = [
+            ("window", self.window),
+            ("idempotency_key_window", self.idempotency_key_window),
+            ("wait_timeout", self.wait_timeout),
+            ("lease", self.lease),
+            ("store_timeout", self.store_timeout),
+            ("upstream_timeout", self.upstream_timeout),
+        ];
+        if let Some((key, value)) = durations.iter().find(|(_, d)| d.0 > year) {
+            return Err(ConfigError::new(*key, value, "must be at most 365 days"));
+        }
+        // The leader renews every third of its lease, and a renewal may take up to store_timeout.
+        if self.lease.0 < self.store_timeout.0 * 2 {
+            return Err(ConfigError::new(
+                "lease",
+                self.lease,
+                format!(
+                    "must be at least twice store_timeout ({})",
+                    self.store_timeout
+                ),
+            ));
+        }
         // hyper's own backstop is twice these (see server.rs); keep it within what hyper accepts.
         if self.max_header_bytes.as_u64() > 1024 * 1024 {
             return Err(ConfigError::new(
@@ -518,6 +542,12 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
 impl Serialize for Dur {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_duration(self.0))
@@ -732,5 +762,21 @@ mod tests {
         let again = Settings::load(Some(&f.0), env(&[]), &Flags::default()).unwrap();
         assert_eq!(again.shutdown_grace, Dur(Duration::from_secs(90)));
         assert_eq!(again.upstreams, s.upstreams);
+    }
+
+    #[test]
+    fn engine_durations_are_bounded_and_the_lease_outlasts_store_round_trips() {
+        let load = |args: &[&str]| {
+            let mut all = vec!["--upstream", "http://a:1"];
+            all.extend_from_slice(args);
+            Settings::load(None, env(&[]), &flags(&all))
+        };
+        let e = load(&["--lease", "1s", "--store-timeout", "600ms"]).unwrap_err();
+        assert_eq!(e.key, "lease");
+        assert!(e.reason.contains("twice store_timeout"), "{e}");
+        assert!(load(&["--lease", "1s", "--store-timeout", "500ms"]).is_ok());
+        let e = load(&["--window", "400days"]).unwrap_err();
+        assert_eq!(e.key, "window");
+        assert!(load(&["--idempotency-key-window", "30days"]).is_ok());
     }
 }

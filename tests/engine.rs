@@ -361,3 +361,18 @@ async fn the_510_clients_resend_after_auth_app_is_recognised_when_the_header_is_
     assert_eq!(stats["requests_by_path"]["/openApi/runJob"], 1, "{stats}");
     assert_eq!(stats["instances"], 1);
 }
+
+#[tokio::test]
+async fn with_the_header_repaired_an_identical_call_after_auth_app_is_a_new_call() {
+    use runonce::powerjob::client::{Client510, ClientConfig};
+    let mock = mock("v5.1.0-auth-off", 0);
+    let proxy = proxy(&[url(mock.addr("mock"))], &[]);
+    let config = ClientConfig::new(vec![proxy.addr("proxy").to_string()], "my-app", "123456");
+    // Connecting calls /authApp; two deliberate runJob follow within a second.
+    let mut client = Client510::connect(config).await.expect("client");
+    let first = client.run_job(5, "", 0).await.unwrap();
+    let second = client.run_job(5, "", 0).await.unwrap();
+    assert_ne!(first.data_i64(), second.data_i64());
+    let stats = mock_stats(mock.addr("mock")).await;
+    assert_eq!(stats["instances"], 2, "{stats}");
+}

@@ -140,7 +140,14 @@ async fn a_leader_killed_mid_call_leaves_the_key_unknown_and_nothing_is_sent_aga
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 3000);
     let store_url = redis.url();
-    let store = ["--store", store_url.as_str(), "--lease", "1s"];
+    let store = [
+        "--store",
+        store_url.as_str(),
+        "--lease",
+        "1s",
+        "--store-timeout",
+        "300ms",
+    ];
     let mut a = proxy(&[url(mock.addr("mock"))], &store);
     let b = proxy(&[url(mock.addr("mock"))], &store);
     let a_addr = a.addr("proxy");
@@ -245,4 +252,38 @@ async fn redis_down_fail_open_forwards_and_still_de_duplicates_in_process() {
     redis.restart();
     until_ok(addr, "jobId=5&appId=1&instanceParams=back").await;
     assert_eq!(instances(&mock).await, 2);
+}
+
+#[tokio::test]
+async fn fail_open_never_forwards_a_duplicate_of_a_call_it_saw_in_flight() {
+    let redis = RedisServer::start();
+    let mock = mock("v5.1.1-auth-off", 1500);
+    let store = redis.url();
+    let flags = [
+        "--store",
+        &store,
+        "--store-timeout",
+        "300ms",
+        "--on-store-error",
+        "fail-open",
+    ];
+    let a = proxy(&[url(mock.addr("mock"))], &flags);
+    let b = proxy(&[url(mock.addr("mock"))], &flags);
+    let (a_addr, b_addr) = (a.addr("proxy"), b.addr("proxy"));
+    let leader = tokio::spawn(async move { run_job(a_addr).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The duplicate on the other replica finds the call in flight and waits; then Redis stops answering.
+    let waiter = tokio::spawn(async move { run_job(b_addr).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.pause();
+    let waited = waiter.await.unwrap();
+    redis.resume();
+    assert_eq!(waited.status, 503, "{}", waited.text());
+    assert_eq!(waited.json().unwrap()["code"], "RUNONCE_STORE_UNAVAILABLE");
+    assert_eq!(leader.await.unwrap().status, 200);
+    let stats = mock_stats(mock.addr("mock")).await;
+    assert_eq!(
+        stats["requests_by_path"][RUN_JOB], 1,
+        "fail-open did not send it twice: {stats}"
+    );
 }

@@ -73,7 +73,9 @@ pub fn payload(
                 .map(|(_, v)| v.trim_matches('"').to_string())
         })
         .unwrap_or_default();
-    fields.retain(|(name, _)| name != "appId");
+    // The body's `appId` is the principal already, unless a header named another app: then it stays a field,
+    // so that two bodies for different apps behind one header never share a key.
+    fields.retain(|(name, value)| name != "appId" || value.trim_matches('"') != principal);
     for (name, default) in defaults(route) {
         let absent = !fields.iter().any(|(k, _)| k == name);
         if absent {
@@ -369,5 +371,22 @@ mod tests {
             idempotency_key("runJob", "1", "k"),
             idempotency_key("runJob", "1", "k")
         );
+    }
+
+    #[test]
+    fn a_body_app_other_than_the_header_app_stays_in_the_key() {
+        let json = Some("application/json");
+        let fp = |body: &str| {
+            fingerprint(
+                "POST",
+                "saveJob",
+                &payload("saveJob", json, None, body.as_bytes(), Some("1"), None),
+            )
+        };
+        assert_ne!(
+            fp(r#"{"appId":2,"jobName":"a"}"#),
+            fp(r#"{"appId":3,"jobName":"a"}"#)
+        );
+        assert_eq!(fp(r#"{"appId":1,"jobName":"a"}"#), fp(r#"{"jobName":"a"}"#));
     }
 }

@@ -29,7 +29,7 @@ use http::{request, response, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
 use tokio::sync::oneshot;
 
-use crate::config::{AfterDelivery, OnStoreError, Settings};
+use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
 use crate::proxy::answer::Answer;
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
@@ -53,6 +53,8 @@ const POLL: Duration = Duration::from_millis(250);
 /// The 5.1.0 client re-sends right after `/authApp`: a duplicate this soon after one from the same address is
 /// that re-send.
 const RESEND_AFTER_AUTH: Duration = Duration::from_secs(1);
+/// Most client addresses whose `/authApp` calls are remembered.
+const MAX_AUTH_CALLS: usize = 4096;
 
 /// What the engine counted since start (exported by the metrics endpoint).
 #[derive(Debug, Default)]
@@ -107,8 +109,9 @@ pub struct Guard {
     wait_timeout: Duration,
     lease: Duration,
     keep_business_errors: bool,
-    /// When each client address last called `/authApp` (the 5.1.0 re-send signature).
-    auth_calls: Mutex<HashMap<IpAddr, Instant>>,
+    /// When each client address last called `/authApp` (the 5.1.0 re-send signature). Only noted when the
+    /// auth header is not repaired: with the repair the 5.1.0 client never re-sends.
+    auth_calls: Option<Mutex<HashMap<IpAddr, Instant>>>,
     pub counters: Counters,
 }
 
@@ -125,15 +128,20 @@ struct Call {
     repair: bool,
 }
 
-/// Why a request could not be decided: the store failed (the route's policy answers), or a definite refusal.
+/// Why a request could not be decided: the store failed, or a definite refusal.
 enum Failure {
-    Store(StoreError),
+    /// `seen`: the request had already seen a record of its key (a call may be running or done elsewhere), so
+    /// only the store can decide it: `fail-open` must not forward it.
+    Store {
+        err: StoreError,
+        seen: bool,
+    },
     Refused(ProxyError),
 }
 
 impl From<StoreError> for Failure {
     fn from(err: StoreError) -> Failure {
-        Failure::Store(err)
+        Failure::Store { err, seen: true }
     }
 }
 
@@ -157,7 +165,8 @@ impl Guard {
             wait_timeout: settings.wait_timeout.0,
             lease: settings.lease.0,
             keep_business_errors: settings.keep_business_errors.0,
-            auth_calls: Mutex::new(HashMap::new()),
+            auth_calls: (settings.auth_header == AuthHeader::Preserve)
+                .then(|| Mutex::new(HashMap::new())),
             counters: Counters::default(),
         }
     }
@@ -173,19 +182,31 @@ impl Guard {
 
     /// Notes a `/authApp` call from `client`: a duplicate right after it is the 5.1.0 client's re-send.
     pub fn note_auth(&self, client: IpAddr) {
+        let Some(calls) = &self.auth_calls else {
+            return;
+        };
         let now = Instant::now();
-        let mut calls = self.auth_calls.lock().unwrap_or_else(|p| p.into_inner());
-        if calls.len() >= 4096 {
+        let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.len() >= MAX_AUTH_CALLS {
             calls.retain(|_, at| now.duration_since(*at) < RESEND_AFTER_AUTH);
+            if calls.len() >= MAX_AUTH_CALLS {
+                calls.clear();
+            }
         }
         calls.insert(client, now);
     }
 
-    fn resent_after_auth(&self, client: IpAddr) -> bool {
-        let calls = self.auth_calls.lock().unwrap_or_else(|p| p.into_inner());
-        calls
-            .get(&client)
-            .is_some_and(|at| at.elapsed() < RESEND_AFTER_AUTH)
+    /// Whether `client` called `/authApp` within the last second and after the record (claimed `age_ms` ago)
+    /// was created: the 5.1.0 client's refresh between its answer and its re-send.
+    fn resent_after_auth(&self, client: IpAddr, age_ms: u64) -> bool {
+        let Some(calls) = &self.auth_calls else {
+            return false;
+        };
+        let calls = calls.lock().unwrap_or_else(|p| p.into_inner());
+        calls.get(&client).is_some_and(|at| {
+            let since = at.elapsed();
+            since < RESEND_AFTER_AUTH && since < Duration::from_millis(age_ms)
+        })
     }
 
     /// Answers a guarded request whose head passed the limits and whose `parts` are ready to go upstream.
@@ -202,35 +223,46 @@ impl Guard {
             let led = self.call_upstream(parts, body, repair).await?;
             return Ok(Response::from_parts(led.parts, Answer::new(led.body)));
         }
-        let call = self.key(route, parts, body, client, repair)?;
-        let started = Instant::now();
-        let result = match self.decide(&self.store, &call).await {
-            Err(Failure::Store(err)) => {
+        let call = Arc::new(self.key(route, parts, body, client, repair)?);
+        // The decision runs in a task of its own: a client that goes away mid-claim cannot leave a claimed key
+        // without its leader.
+        let this = Arc::clone(self);
+        let decided = tokio::spawn(async move { this.decide_with_policy(call).await });
+        decided.await.unwrap_or_else(|err| {
+            Err(ProxyError::Broken {
+                upstream: "runonce".into(),
+                cause: format!("the guarded request's task failed: {err}"),
+            })
+        })
+    }
+
+    /// [`Self::decide`] on the store, and on a store failure what the route's policy says.
+    async fn decide_with_policy(
+        self: Arc<Self>,
+        call: Arc<Call>,
+    ) -> Result<Response<Answer>, ProxyError> {
+        let route = &call.route.name;
+        match self.decide(&self.store, &call).await {
+            Ok(answer) => Ok(answer),
+            Err(Failure::Refused(err)) => Err(err),
+            Err(Failure::Store { err, seen }) => {
                 Counters::add(&self.counters.store_errors);
-                match call.route.on_store_error {
-                    OnStoreError::FailClosed => {
-                        tracing::warn!(route = %call.route.name, key = call.key.prefix(), %err, "store failed: refused (fail-closed)");
-                        Err(ProxyError::StoreUnavailable {
-                            cause: err.to_string(),
-                        })
-                    }
-                    OnStoreError::FailOpen => {
-                        tracing::warn!(route = %call.route.name, key = call.key.prefix(), %err, "store failed: de-duplicating in this process only (fail-open)");
-                        match self.decide(&self.fallback, &call).await {
-                            Err(Failure::Store(err)) => Err(ProxyError::StoreUnavailable {
-                                cause: err.to_string(),
-                            }),
-                            Err(Failure::Refused(err)) => Err(err),
-                            Ok(answer) => Ok(answer),
-                        }
-                    }
+                let unavailable = |err: StoreError| ProxyError::StoreUnavailable {
+                    cause: err.to_string(),
+                };
+                if call.route.on_store_error == OnStoreError::FailClosed || seen {
+                    // `seen`: an identical call may be running or done; forwarding could send it twice.
+                    tracing::warn!(%route, key = call.key.prefix(), %err, seen, "store failed: refused");
+                    return Err(unavailable(err));
+                }
+                tracing::warn!(%route, key = call.key.prefix(), %err, "store failed: de-duplicating in this process only (fail-open)");
+                match self.decide(&self.fallback, &call).await {
+                    Ok(answer) => Ok(answer),
+                    Err(Failure::Refused(err)) => Err(err),
+                    Err(Failure::Store { err, .. }) => Err(unavailable(err)),
                 }
             }
-            Err(Failure::Refused(err)) => Err(err),
-            Ok(answer) => Ok(answer),
-        };
-        tracing::debug!(route = %call.route.name, key = call.key.prefix(), ms = started.elapsed().as_millis() as u64, "guarded request answered");
-        result
+        }
     }
 
     /// Reads the request's key: its `Idempotency-Key`, or the fingerprint of its payload.
@@ -284,9 +316,13 @@ impl Guard {
         call: &Call,
     ) -> Result<Response<Answer>, Failure> {
         let deadline = tokio::time::Instant::now() + self.wait_timeout;
-        // The leader whose call this request waited for: its answer is ours, delivered to someone or not.
-        let mut waited_for: Option<String> = None;
-        let mut claim = store.claim(&call.key, &call.info).await?;
+        // A request that waited for a call in flight is a retry of it: the answer it finds is its own,
+        // delivered to someone or not, whichever leader stored it.
+        let mut waited = false;
+        let mut claim = store
+            .claim(&call.key, &call.info)
+            .await
+            .map_err(|err| Failure::Store { err, seen: false })?;
         // Each turn claims, takes over, or waits until the deadline: the loop ends.
         loop {
             let record = match claim {
@@ -309,10 +345,10 @@ impl Guard {
                     delivered,
                 } => {
                     let retry = !delivered
-                        || waited_for.as_deref() == Some(record.owner.as_str())
+                        || waited
                         || call.client_keyed
                         || call.route.after_delivery == AfterDelivery::Replay
-                        || self.resent_after_auth(call.client.ip());
+                        || self.resent_after_auth(call.client.ip(), record.age_ms);
                     if retry {
                         Counters::add(&self.counters.replays);
                         let mark =
@@ -334,10 +370,10 @@ impl Guard {
                     }));
                 }
                 State::InFlight => {
-                    if waited_for.is_none() {
+                    if !waited {
                         Counters::add(&self.counters.waits);
                     }
-                    waited_for = Some(record.owner.clone());
+                    waited = true;
                     claim = match wait(store, &call.key, deadline).await? {
                         Some(settled) => Claim::Existing(settled),
                         // Released (nothing was created) or expired: the next claim may lead.
@@ -384,8 +420,8 @@ impl Guard {
             let outcome = match &led {
                 Ok(led) if led.stored => "done",
                 Ok(_) => "released",
-                Err(err) if err.sent() => "unknown",
-                Err(_) => "released",
+                Err(ProxyError::Unreachable { .. }) => "released",
+                Err(_) => "unknown",
             };
             tracing::info!(%route, key = key.prefix(), role = "leader", upstream_ms = started.elapsed().as_millis() as u64, outcome, "guarded call");
             let led = led.map(|led| {
@@ -479,7 +515,9 @@ impl Guard {
                     (store.mark_unknown(key, token, window).await, Ok(led))
                 }
             },
-            Err(err) if err.sent() => {
+            // A buffered body cannot fail on the client's side: anything but "never sent" may have reached the
+            // server.
+            Err(err) if !matches!(err, ProxyError::Unreachable { .. }) => {
                 Counters::add(&self.counters.unknowns);
                 (store.mark_unknown(key, token, window).await, Err(err))
             }
@@ -611,12 +649,26 @@ fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
 /// A stored answer as the client receives it: its head as the server sent it, plus `Idempotent-Replayed`.
 /// `mark` records the delivery when this answer was never delivered before.
 async fn replay(stored: Stored, mark: Option<(AnyStore, Key, String)>) -> Response<Answer> {
+    // The head without its blank line (CRLF or a bare LF, as the server wrote it), plus our header.
     let head = &stored.head[..];
-    let end = head.len().saturating_sub(2);
-    let mut with_flag = Vec::with_capacity(head.len() + 32);
+    let end = head.len()
+        - head
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+    let mut with_flag = Vec::with_capacity(end + 32);
     with_flag.extend_from_slice(&head[..end]);
-    with_flag.extend_from_slice(format!("{REPLAYED}: true\r\n\r\n").as_bytes());
-    let parts = match headers::parse_response_head(&with_flag).await {
+    with_flag.extend_from_slice(format!("\r\n{REPLAYED}: true\r\n\r\n").as_bytes());
+    let parsed = tokio::time::timeout(
+        Duration::from_secs(1),
+        headers::parse_response_head(&with_flag),
+    )
+    .await;
+    let parts = match parsed
+        .map_err(|_| "timed out".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+    {
         Ok(mut parts) => {
             headers::remove_hop_by_hop(&mut parts.headers);
             parts

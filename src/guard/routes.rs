@@ -76,8 +76,41 @@ impl Routes {
         if method != Method::POST {
             return None;
         }
-        self.by_name.get(powerjob::openapi_endpoint(path)?).cloned()
+        let endpoint = normalize(powerjob::openapi_endpoint(path)?);
+        self.by_name.get(endpoint.as_ref()).cloned()
     }
+}
+
+/// The endpoint as Spring matches it: `;params` cut, trailing slashes ignored, `%XX` decoded. Otherwise
+/// `/openApi/runJob/` or `/openApi/run%4Aob` would reach `runJob` unguarded.
+fn normalize(endpoint: &str) -> std::borrow::Cow<'_, str> {
+    let endpoint = endpoint
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    if !endpoint.contains('%') {
+        return endpoint.into();
+    }
+    let bytes = endpoint.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(byte)) => {
+                out.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                out.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
 }
 
 #[cfg(test)]
@@ -107,6 +140,18 @@ mod tests {
             assert!(routes.find(&Method::POST, path).is_some(), "{path}");
         }
         assert!(routes.find(&Method::GET, "/openApi/runJob").is_none());
+        for path in [
+            "/openApi/runJob/",
+            "/openApi/runJob;jsessionid=1",
+            "/openApi/run%4Aob",
+            "/openApi/%72unJob//",
+        ] {
+            assert!(
+                routes.find(&Method::POST, path).is_some(),
+                "{path} is runJob to Spring"
+            );
+        }
+        assert!(routes.find(&Method::POST, "/openApi/run%zzJob").is_none());
         for path in [
             "/openApi/fetchInstanceStatus",
             "/openApi/authApp",

@@ -5,9 +5,9 @@
 //! cheaper than an async one. Expired records are purged on each write, from the front of the expiry order,
 //! so no background task is needed and memory never grows past `max_keys` records.
 //!
-//! When full, a new claim evicts the settled record (done or unknown) closest to expiry; in-flight records are
-//! never evicted (that would let a duplicate through). Full of in-flight records, a claim fails with a
-//! `StoreError` and the route's store-error policy answers.
+//! When full, a new claim evicts the delivered answer closest to expiry. In-flight records, unknown outcomes
+//! and answers no client received yet are never evicted (that would let a duplicate through); with none to
+//! evict, a claim fails with a `StoreError` and the route's store-error policy answers.
 //!
 //! Waiters sleep on a per-record `Notify`; every change wakes them under the lock, and [`MemoryStore::changed`]
 //! registers under the same lock, so no wake-up is lost.
@@ -87,7 +87,7 @@ impl MemoryStore {
             return Err(StoreError {
                 op: "claim",
                 cause: format!(
-                    "memory store full: {} records in flight",
+                    "memory store full: {} records, none of them a delivered answer that could make room",
                     inner.entries.len()
                 ),
             });
@@ -182,7 +182,12 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         if inner.leader_entry(key, token, now).is_none() {
-            return Ok(false);
+            // Already done by this leader (as Redis answers a script retried after a lost reply): no change.
+            let done = inner
+                .entries
+                .get(key)
+                .is_some_and(|e| e.owner == token && matches!(e.phase, Phase::Done { .. }));
+            return Ok(done);
         }
         inner.settle(
             key,
@@ -313,15 +318,22 @@ impl Inner {
         }
     }
 
-    /// Evicts the settled record closest to expiry; `false` when every record is in flight.
+    /// Evicts the delivered answer closest to expiry; `false` when there is none. In-flight records, unknown
+    /// outcomes and answers no client received yet are never evicted: losing one would let a call run twice.
     fn evict_one_settled(&mut self) -> bool {
         let victim = self
             .expirations
             .iter()
             .find(|(_, key)| {
-                self.entries
-                    .get(key)
-                    .is_some_and(|e| !matches!(e.phase, Phase::InFlight { .. }))
+                self.entries.get(key).is_some_and(|e| {
+                    matches!(
+                        e.phase,
+                        Phase::Done {
+                            delivered: true,
+                            ..
+                        }
+                    )
+                })
             })
             .map(|(_, key)| key.clone());
         match victim {
@@ -387,28 +399,43 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_full_store_evicts_the_settled_record_closest_to_expiry_never_one_in_flight() {
-        let store = MemoryStore::new(2);
-        let Claim::Leader(a) = store.claim(&key(1), &info(10_000)).await.unwrap() else {
+    async fn a_full_store_evicts_only_delivered_answers() {
+        let store = MemoryStore::new(3);
+        let claim = |n: u8| {
+            let store = &store;
+            async move { store.claim(&key(n), &info(10_000)).await }
+        };
+        let Claim::Leader(delivered) = claim(1).await.unwrap() else {
             panic!()
         };
         store
-            .complete(&key(1), &a, &answer(), Duration::from_secs(10))
+            .complete(&key(1), &delivered, &answer(), Duration::from_secs(10))
             .await
             .unwrap();
-        let Claim::Leader(_) = store.claim(&key(2), &info(10_000)).await.unwrap() else {
+        store.mark_delivered(&key(1), &delivered).await.unwrap();
+        let Claim::Leader(undelivered) = claim(2).await.unwrap() else {
             panic!()
         };
-        // Full: key 1 (done) goes to make room for key 3.
-        assert!(matches!(
-            store.claim(&key(3), &info(10_000)).await.unwrap(),
-            Claim::Leader(_)
-        ));
+        store
+            .complete(&key(2), &undelivered, &answer(), Duration::from_secs(10))
+            .await
+            .unwrap();
+        let Claim::Leader(unknown) = claim(3).await.unwrap() else {
+            panic!()
+        };
+        store
+            .mark_unknown(&key(3), &unknown, Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Full: the delivered answer makes room.
+        assert!(matches!(claim(4).await.unwrap(), Claim::Leader(_)));
         assert_eq!(store.get(&key(1)).await.unwrap(), None);
-        assert_eq!(store.len(), 2);
-        // Full of in-flight records: refused, not evicted.
-        let err = store.claim(&key(4), &info(10_000)).await.unwrap_err();
+        // Now only an undelivered answer, an unknown outcome and a call in flight: refused, none evicted.
+        let err = claim(5).await.unwrap_err();
         assert!(err.cause.contains("full"), "{err}");
+        for n in [2, 3, 4] {
+            assert!(store.get(&key(n)).await.unwrap().is_some(), "key {n} kept");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -157,7 +157,8 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Stores the definite answer for `window` from now.
+    /// Stores the definite answer for `window` from now. `true` also when this leader already did (a retry
+    /// after a lost reply), changing nothing.
     fn complete(
         &self,
         key: &Key,

@@ -19,6 +19,14 @@ async fn run_job(proxy: SocketAddr) -> RawResponse {
         .expect("runJob answer")
 }
 
+/// Two `runonce` replicas in front of `mock`, sharing the store at `store_url`, with extra `flags`.
+fn two_replicas(store_url: &str, mock: &Process, flags: &[&str]) -> (Process, Process) {
+    let mut args = vec!["--store", store_url];
+    args.extend_from_slice(flags);
+    let upstream = [url(mock.addr("mock"))];
+    (proxy(&upstream, &args), proxy(&upstream, &args))
+}
+
 async fn instances(mock: &Process) -> u64 {
     mock_stats(mock.addr("mock")).await["instances"]
         .as_u64()
@@ -53,10 +61,7 @@ async fn the_510_client_failing_over_between_two_proxies_creates_one_instance() 
     let redis = RedisServer::start();
     // Slower than the client's 2 s call timeout: it gives up on the first proxy and sends to the second.
     let mock = mock("v5.1.0-auth-off", 3000);
-    let store_url = redis.url();
-    let store = ["--store", store_url.as_str()];
-    let a = proxy(&[url(mock.addr("mock"))], &store);
-    let b = proxy(&[url(mock.addr("mock"))], &store);
+    let (a, b) = two_replicas(&redis.url(), &mock, &[]);
     let addresses = vec![a.addr("proxy").to_string(), b.addr("proxy").to_string()];
     let mut client = Client510::connect(ClientConfig::new(addresses, "my-app", "123456"))
         .await
@@ -104,10 +109,7 @@ async fn instance_exists(mock: &Process, id: i64, job: i64) -> bool {
 async fn a_storm_split_over_two_proxies_on_one_redis_creates_one_instance() {
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 1000);
-    let store_url = redis.url();
-    let store = ["--store", store_url.as_str()];
-    let a = proxy(&[url(mock.addr("mock"))], &store);
-    let b = proxy(&[url(mock.addr("mock"))], &store);
+    let (a, b) = two_replicas(&redis.url(), &mock, &[]);
     let ids = storm(&[a.addr("proxy"), b.addr("proxy")], 200).await;
     assert_eq!(ids.len(), 1, "every answer carries the one id: {ids:?}");
     assert_eq!(instances(&mock).await, 1);
@@ -117,10 +119,7 @@ async fn a_storm_split_over_two_proxies_on_one_redis_creates_one_instance() {
 async fn a_storm_on_redis_cluster_creates_one_instance() {
     let cluster = RedisCluster::start(3);
     let mock = mock("v5.1.1-auth-off", 1000);
-    let store_url = cluster.url();
-    let store = ["--store", store_url.as_str()];
-    let a = proxy(&[url(mock.addr("mock"))], &store);
-    let b = proxy(&[url(mock.addr("mock"))], &store);
+    let (a, b) = two_replicas(&cluster.url(), &mock, &[]);
     let ids = storm(&[a.addr("proxy"), b.addr("proxy")], 200).await;
     assert_eq!(ids.len(), 1, "{ids:?}");
     assert_eq!(instances(&mock).await, 1);
@@ -139,17 +138,8 @@ async fn a_storm_on_redis_cluster_creates_one_instance() {
 async fn a_leader_killed_mid_call_leaves_the_key_unknown_and_nothing_is_sent_again() {
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 3000);
-    let store_url = redis.url();
-    let store = [
-        "--store",
-        store_url.as_str(),
-        "--lease",
-        "1s",
-        "--store-timeout",
-        "300ms",
-    ];
-    let mut a = proxy(&[url(mock.addr("mock"))], &store);
-    let b = proxy(&[url(mock.addr("mock"))], &store);
+    let flags = ["--lease", "1s", "--store-timeout", "300ms"];
+    let (mut a, b) = two_replicas(&redis.url(), &mock, &flags);
     let a_addr = a.addr("proxy");
     let lost = tokio::spawn(async move { raw(a_addr, &form_post(RUN_JOB, FORM, "")).await });
     // The mock creates the instance on receipt, then waits 3 s: kill the leader's proxy in between.
@@ -258,17 +248,8 @@ async fn redis_down_fail_open_forwards_and_still_de_duplicates_in_process() {
 async fn fail_open_never_forwards_a_duplicate_of_a_call_it_saw_in_flight() {
     let redis = RedisServer::start();
     let mock = mock("v5.1.1-auth-off", 1500);
-    let store = redis.url();
-    let flags = [
-        "--store",
-        &store,
-        "--store-timeout",
-        "300ms",
-        "--on-store-error",
-        "fail-open",
-    ];
-    let a = proxy(&[url(mock.addr("mock"))], &flags);
-    let b = proxy(&[url(mock.addr("mock"))], &flags);
+    let flags = ["--store-timeout", "300ms", "--on-store-error", "fail-open"];
+    let (a, b) = two_replicas(&redis.url(), &mock, &flags);
     let (a_addr, b_addr) = (a.addr("proxy"), b.addr("proxy"));
     let leader = tokio::spawn(async move { run_job(a_addr).await });
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{request, response, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use tokio::sync::oneshot;
 
 use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
 use crate::proxy::answer::Answer;
@@ -395,69 +394,36 @@ impl Guard {
         }
     }
 
-    /// Runs the call as the leader: upstream in a task of its own, which records the outcome whatever happens to
-    /// this request.
+    /// Runs the call as the leader. It already runs in the guarded request's own task (see [`Self::handle`]),
+    /// so the call finishes and its outcome is recorded whatever happens to the client.
     async fn lead(
-        self: &Arc<Self>,
+        &self,
         store: &AnyStore,
         call: &Call,
         token: String,
     ) -> Result<Response<Answer>, ProxyError> {
         Counters::add(&self.counters.leaders);
-        let (done, result) = oneshot::channel();
-        let this = Arc::clone(self);
-        let store = store.clone();
-        let key = call.key.clone();
-        let window = call.info.window;
-        let route = call.route.name.clone();
-        // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
-        let (parts, body, repair) = (call.parts.clone(), call.body.clone(), call.repair);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let led = this
-                .lead_call(&store, &key, &token, window, parts, body, repair)
-                .await;
-            let outcome = match &led {
-                Ok(led) if led.stored => "done",
-                Ok(_) => "released",
-                Err(ProxyError::Unreachable { .. }) => "released",
-                Err(_) => "unknown",
-            };
-            tracing::info!(%route, key = key.prefix(), role = "leader", upstream_ms = started.elapsed().as_millis() as u64, outcome, "guarded call");
-            let led = led.map(|led| {
-                let mark = led
-                    .stored
-                    .then(|| (store.clone(), key.clone(), token.clone()));
-                (led, mark)
-            });
-            // The requester may be gone (client disconnected): the outcome is stored all the same.
-            let _ = done.send(led);
-        });
-        match result.await {
-            Ok(Ok((led, mark))) => Ok(Response::from_parts(
-                led.parts,
-                delivered_body(led.body, mark),
-            )),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Err(ProxyError::Broken {
-                upstream: "runonce".into(),
-                cause: "the leader task ended without an answer".into(),
-            }),
-        }
+        let started = Instant::now();
+        let (outcome, led) = self.lead_call(store, call, &token).await;
+        tracing::info!(route = %call.route.name, key = call.key.prefix(), role = "leader", upstream_ms = started.elapsed().as_millis() as u64, outcome, "guarded call");
+        let led = led?;
+        let mark = led.stored.then(|| (store.clone(), call.key.clone(), token));
+        Ok(Response::from_parts(
+            led.parts,
+            delivered_body(led.body, mark),
+        ))
     }
 
-    /// The leader's task: the upstream call with its lease renewed, then the outcome recorded.
-    #[allow(clippy::too_many_arguments)]
+    /// The upstream call with its lease renewed, then the outcome recorded; returns the outcome's name too.
     async fn lead_call(
         &self,
         store: &AnyStore,
-        key: &Key,
+        call: &Call,
         token: &str,
-        window: Duration,
-        parts: request::Parts,
-        body: Bytes,
-        repair: bool,
-    ) -> Result<Led, ProxyError> {
+    ) -> (&'static str, Result<Led, ProxyError>) {
+        let (key, window) = (&call.key, call.info.window);
+        // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
+        let (parts, body) = (call.parts.clone(), call.body.clone());
         let renew = async {
             let mut every = tokio::time::interval(self.lease / 3);
             every.tick().await;
@@ -481,10 +447,10 @@ impl Guard {
             std::future::pending::<()>().await;
         };
         let led = tokio::select! {
-            led = self.call_upstream_capturing(parts, body, repair) => led,
+            led = self.call_upstream_capturing(parts, body, call.repair) => led,
             () = renew => unreachable!("renewal never ends"),
         };
-        let (change, result) = match led {
+        let (outcome, change, result) = match led {
             Ok((mut led, head)) => match outcome::classify(
                 led.parts.status.as_u16(),
                 &led.parts.headers,
@@ -498,12 +464,16 @@ impl Guard {
                         body: led.body.clone(),
                     };
                     led.stored = true;
-                    (store.complete(key, token, &stored, window).await, Ok(led))
+                    (
+                        "done",
+                        store.complete(key, token, &stored, window).await,
+                        Ok(led),
+                    )
                 }
                 Outcome::Release(why) => {
                     tracing::debug!(key = key.prefix(), why, "released");
                     Counters::add(&self.counters.released);
-                    (store.release(key, token).await, Ok(led))
+                    ("released", store.release(key, token).await, Ok(led))
                 }
                 Outcome::Unknown(why) => {
                     tracing::warn!(
@@ -512,18 +482,26 @@ impl Guard {
                         "outcome unknown: the key is kept and never re-sent"
                     );
                     Counters::add(&self.counters.unknowns);
-                    (store.mark_unknown(key, token, window).await, Ok(led))
+                    (
+                        "unknown",
+                        store.mark_unknown(key, token, window).await,
+                        Ok(led),
+                    )
                 }
             },
             // A buffered body cannot fail on the client's side: anything but "never sent" may have reached the
             // server.
             Err(err) if !matches!(err, ProxyError::Unreachable { .. }) => {
                 Counters::add(&self.counters.unknowns);
-                (store.mark_unknown(key, token, window).await, Err(err))
+                (
+                    "unknown",
+                    store.mark_unknown(key, token, window).await,
+                    Err(err),
+                )
             }
             Err(err) => {
                 Counters::add(&self.counters.released);
-                (store.release(key, token).await, Err(err))
+                ("released", store.release(key, token).await, Err(err))
             }
         };
         let recorded = matches!(change, Ok(true));
@@ -538,10 +516,11 @@ impl Guard {
                 tracing::warn!(key = key.prefix(), %err, "outcome not recorded; the lease will run out and the key turn unknown");
             }
         }
-        result.map(|mut led| {
+        let result = result.map(|mut led| {
             led.stored &= recorded;
             led
-        })
+        });
+        (outcome, result)
     }
 
     /// Sends a buffered request upstream and reads the whole answer.

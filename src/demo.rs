@@ -127,6 +127,9 @@ async fn start_proxy(
         _ => None,
     };
     let settings = Settings::load(None, env, &Flags::default()).map_err(|err| err.to_string())?;
+    let store = crate::store::open(&settings)
+        .await
+        .map_err(|err| err.to_string())?;
     let listeners = Listeners::bind(&settings)
         .await
         .map_err(|err| err.to_string())?;
@@ -134,7 +137,7 @@ async fn start_proxy(
         .proxy
         .local_addr()
         .map_err(|err| err.to_string())?;
-    tokio::spawn(server::run(settings, listeners, async move {
+    tokio::spawn(server::run(settings, listeners, store, async move {
         let _ = stopped.changed().await;
     }));
     Ok(addr)

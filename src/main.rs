@@ -124,6 +124,17 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(settings.log_format, "info");
+    // Opening the store connects to nothing yet (Redis may come up later): only the URL can be wrong.
+    let store = match runonce::store::open(&settings).await {
+        Ok(store) => store,
+        Err(err) => {
+            eprintln!(
+                "runonce: invalid setting store = {:?}: {err}",
+                settings.store.to_string()
+            );
+            return ExitCode::from(config::EXIT_CONFIG as u8);
+        }
+    };
     let listeners = match server::Listeners::bind(&settings).await {
         Ok(listeners) => listeners,
         Err(err) => {
@@ -137,7 +148,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         println!("listening proxy={proxy} admin={admin}");
         tracing::info!(%proxy, %admin, upstreams = ?settings.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(), "runonce serving");
     }
-    match server::run(settings, listeners, server::shutdown_signal()).await {
+    match server::run(settings, listeners, store, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("runonce: {err}");

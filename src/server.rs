@@ -25,6 +25,7 @@ use tokio::sync::{watch, Semaphore};
 use crate::admin;
 use crate::config::Settings;
 use crate::proxy::Proxy;
+use crate::store::AnyStore;
 
 /// The bound sockets, so callers (and tests) can bind port 0 and learn the port before serving.
 pub struct Listeners {
@@ -53,11 +54,9 @@ impl Listeners {
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
+    store: AnyStore,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let store = crate::store::open(&settings)
-        .await
-        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, format!("store: {err}")))?;
     let proxy = Arc::new(Proxy::new(&settings, store));
     let (stop, stopped) = watch::channel(false);
     let admin = tokio::spawn(admin::serve(

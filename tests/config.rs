@@ -88,3 +88,28 @@ fn check_config_names_an_unknown_key_in_a_file() {
     assert_eq!(out.status.code(), Some(64));
     assert!(stderr(&out).contains("listen_addr"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_redis_url_that_does_not_parse_exits_64_before_listening() {
+    let out = runonce(
+        &[
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            "redis://[bad",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("store"), "{}", stderr(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "nothing listened: {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -20,6 +20,12 @@ command -v make >/dev/null 2>&1 || packages+=(make)
 command -v kill >/dev/null 2>&1 || packages+=(procps)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+# tests/okhttp_interop.rs: the 5.1.0 client's request path on the real OkHttp 3 (Debian's libokhttp-java, which
+# pulls libokio-java), compiled with javac; a JDK only when javac is missing.
+command -v javac >/dev/null 2>&1 || packages+=(default-jdk-headless)
+if [ ! -f /usr/share/java/okhttp.jar ] || [ ! -f /usr/share/java/okio.jar ]; then
+  packages+=(libokhttp-java libokio-java)
+fi
 # tests/deploy.rs: python3 and pip, for kubernetes-validate (below) and its PyYAML.
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)

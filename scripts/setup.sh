@@ -20,6 +20,15 @@ command -v make >/dev/null 2>&1 || packages+=(make)
 command -v kill >/dev/null 2>&1 || packages+=(procps)
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
+# tests/okhttp_interop.rs: the 5.1.0 client's request path on the real OkHttp 3 (Debian's libokhttp-java, which
+# pulls libokio-java), compiled with javac; a JDK only when javac is missing.
+command -v javac >/dev/null 2>&1 || packages+=(default-jdk-headless)
+if [ ! -f /usr/share/java/okhttp.jar ] || [ ! -f /usr/share/java/okio.jar ]; then
+  packages+=(libokhttp-java libokio-java)
+fi
+# tests/deploy.rs: python3 and pip, for kubernetes-validate (below) and its PyYAML.
+command -v python3 >/dev/null 2>&1 || packages+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 if [ "${#packages[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2
@@ -29,4 +38,12 @@ if [ "${#packages[@]}" -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${packages[@]}"
   # Debian's package starts a system Redis on 6379; the tests never use it, and leave it be.
+fi
+# kubernetes-validate bundles the Kubernetes schemas, so tests/deploy.rs runs offline once it is installed.
+# Into the active python (a venv, pyenv), else per user; Debian's own python refuses a per-user install too
+# without --break-system-packages (PEP 668), which with --user still touches only ~/.local.
+if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
+  python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet --user kubernetes-validate 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages kubernetes-validate
 fi

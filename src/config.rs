@@ -331,6 +331,11 @@ pub fn env_var(key: &str) -> String {
     format!("RUNONCE_{}", key.to_ascii_uppercase())
 }
 
+/// Every `RUNONCE_<KEY>` variable a setting is read from (deployment files are checked against this list).
+pub fn env_vars() -> Vec<String> {
+    SCALAR_KEYS.iter().map(|key| env_var(key)).collect()
+}
+
 fn read_file(path: &Path) -> Result<Layer, ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)

@@ -10,7 +10,7 @@
 //!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
 //! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome.
 //! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`).
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`); [`health`], the `runonce health` check that GETs it.
 //! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
 //!   ([`powerjob::client`]).
 //! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
@@ -22,6 +22,7 @@ pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod guard;
+pub mod health;
 pub mod powerjob;
 pub mod proxy;
 pub mod rawhttp;

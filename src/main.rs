@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use runonce::config::{self, Flags, LogFormat, Settings};
 use runonce::powerjob::mock::{self, MockOptions, Mode};
-use runonce::{demo, server, telemetry};
+use runonce::{demo, health, server, telemetry};
 
 /// An idempotency proxy for PowerJob: one runJob reaches the server once, however often the client sends it.
 #[derive(Parser)]
@@ -33,6 +33,15 @@ enum Command {
     CheckConfig {
         /// The TOML file to check.
         file: PathBuf,
+    },
+    /// GET an admin endpoint and exit 0 on a 2xx answer, 1 otherwise: the image's health check (no curl in it).
+    Health {
+        /// What to GET: the admin /healthz (alive) or /readyz (an upstream reachable).
+        #[arg(long, default_value = health::DEFAULT_URL)]
+        url: String,
+        /// Longest the whole check may take (e.g. 2s).
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -104,6 +113,16 @@ fn main() -> ExitCode {
                 }
             }
             Some(Command::CheckConfig { file }) => check_config(&file),
+            Some(Command::Health { url, timeout }) => match health::check(&url, timeout).await {
+                Ok((status, body)) => {
+                    println!("healthy: {status} {body}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("runonce health: {err}");
+                    ExitCode::FAILURE
+                }
+            },
         }
     })
 }

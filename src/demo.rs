@@ -137,9 +137,10 @@ async fn start_proxy(
         .proxy
         .local_addr()
         .map_err(|err| err.to_string())?;
-    tokio::spawn(server::run(settings, listeners, store, async move {
+    let shutdown = async move {
         let _ = stopped.changed().await;
-    }));
+    };
+    tokio::spawn(server::run(settings, listeners, store, shutdown, None));
     Ok(addr)
 }
 

@@ -102,7 +102,7 @@ macro_rules! settings {
 settings! {
     /// Address the proxy listens on (HTTP/1.1).
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7700)), flag "listen";
-    /// Address of the admin listener (/healthz, /readyz). Loopback by default.
+    /// Address of the admin listener (/healthz, /readyz, /metrics, /keys, /reload). Loopback by default.
     admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9700)), flag "admin-listen";
     /// PowerJob servers, tried in order when one cannot be reached (http://host:port[/prefix]).
     upstreams: Vec<UpstreamUrl> = Vec::new(), flag "upstream";

@@ -10,8 +10,8 @@
 //! `/readyz` answers 503 at once (the admin listener keeps answering until the end) and the proxy listener
 //! closes → connections finish their in-flight request (hyper-util `GracefulShutdown`) and every guarded
 //! request's task ends (leaders store their answer) → after `drain_timeout` leaders still waiting for their
-//! upstream are cut off: they mark their key unknown (never re-sent) within [`CUT_OFF_GRACE`] + the store's
-//! time-out, and whatever is left is dropped with a warning.
+//! upstream are cut off: they mark their key unknown (never re-sent) and answer 502, within [`CUT_OFF_GRACE`] +
+//! the store's time-out, and whatever is left is dropped with a warning.
 //!
 //! A SIGHUP (when the process was started from a configuration, see [`crate::reload`]) reloads it.
 
@@ -174,22 +174,27 @@ async fn serve_proxy(
     drop(listener);
     let drain = settings.drain_timeout.0;
     let guard = proxy.guard();
-    let drained = async { tokio::join!(graceful.shutdown(), guard.drained()) };
+    let connections = graceful.shutdown();
+    tokio::pin!(connections);
+    let drained = async { tokio::join!(&mut connections, guard.drained()) };
     if tokio::time::timeout(drain, drained).await.is_ok() {
         tracing::info!("shutdown: drained");
         return Ok(());
     }
     tracing::warn!(
         drain_timeout = %settings.drain_timeout,
-        "drain_timeout ran out: cutting off leaders still waiting for their upstream (their keys turn unknown, never re-sent) and dropping the connections still open"
+        "drain_timeout ran out: cutting off leaders still waiting for their upstream (their keys turn unknown, never re-sent)"
     );
     guard.cut_off();
+    // The cut-off leaders record their keys unknown and answer their clients (502); other connections still
+    // busy then are dropped.
     let recording = settings.store_timeout.0 + CUT_OFF_GRACE;
-    if tokio::time::timeout(recording, guard.drained())
-        .await
-        .is_err()
-    {
-        tracing::warn!("cut-off leaders did not finish recording; their leases will run out and their keys read unknown");
+    let answered = async {
+        guard.drained().await;
+        (&mut connections).await;
+    };
+    if tokio::time::timeout(recording, answered).await.is_err() {
+        tracing::warn!("dropping the connections still open; a cut-off leader that did not record its outcome leaves its key to turn unknown when its lease runs out");
     }
     Ok(())
 }

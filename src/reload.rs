@@ -82,7 +82,7 @@ impl Reloader {
         if !reloaded.needs_restart.is_empty() {
             tracing::warn!(
                 keys = ?reloaded.needs_restart,
-                "configuration reload: these settings changed but need restart; left as they were"
+                "configuration reload: needs restart to apply these changed settings; left as they were"
             );
         }
         Ok(reloaded)

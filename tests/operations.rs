@@ -269,7 +269,9 @@ async fn sighup_applies_a_new_route_on_an_open_connection_and_refuses_an_invalid
         "max_connections = 5\n[routes.runJob]\nenabled = false\n",
     );
     proxy.signal("HUP");
-    let restart = logs.wait_for("need restart").expect("a needs-restart line");
+    let restart = logs
+        .wait_for("needs restart")
+        .expect("a needs-restart line");
     assert!(restart.contains("max_connections"), "{restart}");
     logs.wait_for("configuration reloaded").expect("reloaded");
     let passed = exchange(&mut conn, &keep_alive_run_job("a")).await;

@@ -102,7 +102,7 @@ macro_rules! settings {
 settings! {
     /// Address the proxy listens on (HTTP/1.1).
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 7700)), flag "listen";
-    /// Address of the admin listener (/healthz, /readyz). Loopback by default.
+    /// Address of the admin listener (/healthz, /readyz, /metrics, /keys, /reload). Loopback by default.
     admin_listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9700)), flag "admin-listen";
     /// PowerJob servers, tried in order when one cannot be reached (http://host:port[/prefix]).
     upstreams: Vec<UpstreamUrl> = Vec::new(), flag "upstream";
@@ -127,8 +127,6 @@ settings! {
     upstream_max_idle: Count = Count(256), flag "upstream-max-idle";
     /// An idle upstream connection older than this is not reused.
     upstream_idle_timeout: Dur = Dur::secs(30), flag "upstream-idle-timeout";
-    /// On SIGTERM/SIGINT: time in-flight requests get to finish before the process exits.
-    shutdown_grace: Dur = Dur::secs(30), flag "shutdown-grace";
     /// Log output: `text` or `json`. The filter comes from RUNONCE_LOG or RUST_LOG (default `info`).
     log_format: LogFormat = LogFormat::Text, flag "log-format";
     /// Where guarded keys live: `memory` (this process), `redis://host:port/db`, `rediss://…`, or
@@ -155,6 +153,14 @@ settings! {
     after_delivery: AfterDelivery = AfterDelivery::NewCall, flag "after-delivery";
     /// Whether a `success:false` answer is kept (replayed to duplicates) instead of released.
     keep_business_errors: Switch = Switch(false), flag "keep-business-errors";
+    // ---- Operations: admin key API and /reload access, graceful shutdown (README "Operations") ----
+    /// Bearer token that /keys and /reload on the admin listener require (`Authorization: Bearer TOKEN`). Empty:
+    /// none, and then those endpoints answer only while admin_listen is a loopback address. Prefer
+    /// RUNONCE_ADMIN_TOKEN to the flag (flags show in `ps`).
+    admin_token: Secret = Secret::default(), flag "admin-token";
+    /// On SIGTERM/SIGINT: /readyz turns 503 and no new connection is taken; in-flight requests (leaders' upstream
+    /// calls included) get this long to finish. A leader still waiting then is cut off: its key turns unknown.
+    drain_timeout: Dur = Dur::secs(30), flag "drain-timeout";
     ; file only:
     /// Per-route overrides, `[routes.runJob]` etc.: `enabled`, `window`, `fields`, `after_delivery`,
     /// `on_store_error`. Routes not named keep their defaults; see `config/runonce.toml`.
@@ -245,7 +251,7 @@ impl Settings {
                 "upstream_idle_timeout",
                 self.upstream_idle_timeout.0.as_millis() as u64,
             ),
-            ("shutdown_grace", self.shutdown_grace.0.as_millis() as u64),
+            ("drain_timeout", self.drain_timeout.0.as_millis() as u64),
         ];
         if let Some((key, value)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::new(*key, value, "must be greater than zero"));
@@ -259,6 +265,7 @@ impl Settings {
             ("lease", self.lease),
             ("store_timeout", self.store_timeout),
             ("upstream_timeout", self.upstream_timeout),
+            ("drain_timeout", self.drain_timeout),
         ];
         if let Some((key, value)) = durations.iter().find(|(_, d)| d.0 > year) {
             return Err(ConfigError::new(*key, value, "must be at most 365 days"));
@@ -452,6 +459,35 @@ impl std::str::FromStr for StoreUrl {
     }
 }
 
+impl StoreUrl {
+    /// The URL with any password replaced by `***`, for logs and error messages.
+    pub fn redacted(&self) -> String {
+        let StoreUrl::Redis(url) = self else {
+            return self.to_string();
+        };
+        // `scheme://[user[:password]@]host…`: the userinfo ends at the last `@` before the path.
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return url.clone();
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        match rest[..authority_end].rsplit_once('@') {
+            Some((userinfo, hosts)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let secret = if userinfo.contains(':') || !user.is_empty() {
+                    ":***"
+                } else {
+                    ""
+                };
+                format!(
+                    "{scheme}://{user}{secret}@{hosts}{}",
+                    &rest[authority_end..]
+                )
+            }
+            None => url.clone(),
+        }
+    }
+}
+
 impl fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -520,6 +556,27 @@ pub enum AuthHeader {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// A secret setting (the admin token): never shown by `Debug`, so it cannot reach a log line by accident.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.is_set() {
+            "\"<redacted>\""
+        } else {
+            "\"\""
+        })
+    }
 }
 
 /// A duration written as `500ms`, `10s`, `2m` (or a whole number of seconds).
@@ -760,13 +817,27 @@ mod tests {
         let s = Settings::load(
             None,
             env(&[]),
-            &flags(&["--upstream", "http://a:1", "--shutdown-grace", "1m 30s"]),
+            &flags(&["--upstream", "http://a:1", "--drain-timeout", "1m 30s"]),
         )
         .unwrap();
         let f = file(&s.to_toml());
         let again = Settings::load(Some(&f.0), env(&[]), &Flags::default()).unwrap();
-        assert_eq!(again.shutdown_grace, Dur(Duration::from_secs(90)));
+        assert_eq!(again.drain_timeout, Dur(Duration::from_secs(90)));
         assert_eq!(again.upstreams, s.upstreams);
+    }
+
+    #[test]
+    fn store_urls_are_redacted_for_logs() {
+        let url = |s: &str| s.parse::<StoreUrl>().unwrap().redacted();
+        assert_eq!(url("redis://:s3cret@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(url("rediss://me:s3cret@h:6379"), "rediss://me:***@h:6379");
+        assert_eq!(
+            url("redis+cluster://u:p@a:1,b:2"),
+            "redis+cluster://u:***@a:1,b:2"
+        );
+        assert_eq!(url("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(url("memory"), "memory");
+        assert_eq!(format!("{:?}", Secret("t0k".into())), "\"<redacted>\"");
     }
 
     #[test]

@@ -123,7 +123,7 @@ async fn start_proxy(
     let env = move |key: &str| match key {
         "RUNONCE_LISTEN" | "RUNONCE_ADMIN_LISTEN" => Some("127.0.0.1:0".to_string()),
         "RUNONCE_UPSTREAMS" => Some(format!("http://{upstream}")),
-        "RUNONCE_SHUTDOWN_GRACE" => Some("1s".to_string()),
+        "RUNONCE_DRAIN_TIMEOUT" => Some("1s".to_string()),
         _ => None,
     };
     let settings = Settings::load(None, env, &Flags::default()).map_err(|err| err.to_string())?;
@@ -137,9 +137,10 @@ async fn start_proxy(
         .proxy
         .local_addr()
         .map_err(|err| err.to_string())?;
-    tokio::spawn(server::run(settings, listeners, store, async move {
+    let shutdown = async move {
         let _ = stopped.changed().await;
-    }));
+    };
+    tokio::spawn(server::run(settings, listeners, store, shutdown, None));
     Ok(addr)
 }
 

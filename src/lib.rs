@@ -10,7 +10,8 @@
 //!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
 //! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome.
 //! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
-//! - [`admin`]: the admin listener (`/healthz`, `/readyz`); [`health`], the `runonce health` check that GETs it.
+//! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, the key API, `/reload`); [`health`], the `runonce health` check that GETs it.
+//! - [`metrics`]: the Prometheus metrics; [`reload`]: configuration reload (SIGHUP, `POST /reload`).
 //! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
 //!   ([`powerjob::client`]).
 //! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
@@ -23,9 +24,11 @@ pub mod config;
 pub mod demo;
 pub mod guard;
 pub mod health;
+pub mod metrics;
 pub mod powerjob;
 pub mod proxy;
 pub mod rawhttp;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -149,7 +149,7 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(err) => {
             eprintln!(
                 "runonce: invalid setting store = {:?}: {err}",
-                settings.store.to_string()
+                settings.store.redacted()
             );
             return ExitCode::from(config::EXIT_CONFIG as u8);
         }
@@ -165,9 +165,14 @@ async fn serve(args: ServeArgs) -> ExitCode {
     if let (Ok(proxy), Ok(admin)) = (proxy, admin) {
         // The one line on stdout: tests and scripts that bind port 0 read the ports from it.
         println!("listening proxy={proxy} admin={admin}");
-        tracing::info!(%proxy, %admin, upstreams = ?settings.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(), "runonce serving");
+        tracing::info!(%proxy, %admin, upstreams = ?settings.upstreams.iter().map(ToString::to_string).collect::<Vec<_>>(), store = %settings.store.redacted(), "runonce serving");
     }
-    match server::run(settings, listeners, store, server::shutdown_signal()).await {
+    let source = runonce::reload::Source {
+        file,
+        flags: args.flags,
+    };
+    let shutdown = server::shutdown_signal();
+    match server::run(settings, listeners, store, shutdown, Some(source)).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("runonce: {err}");

@@ -7,8 +7,13 @@
 //! time to send it (`header_read_timeout`, the slowloris guard).
 //!
 //! Shutdown is one path with a bound: the `shutdown` future resolves (SIGTERM or SIGINT in the binary) →
-//! listeners close → connections finish their in-flight request (hyper-util `GracefulShutdown`) → after
-//! `shutdown_grace` whatever is left is dropped with a warning.
+//! `/readyz` answers 503 at once (the admin listener keeps answering until the end) and the proxy listener
+//! closes → connections finish their in-flight request (hyper-util `GracefulShutdown`) and every guarded
+//! request's task ends (leaders store their answer) → after `drain_timeout` leaders still waiting for their
+//! upstream are cut off: they mark their key unknown (never re-sent) and answer 502, within [`CUT_OFF_GRACE`] +
+//! the store's time-out, and whatever is left is dropped with a warning.
+//!
+//! A SIGHUP (when the process was started from a configuration, see [`crate::reload`]) reloads it.
 
 use std::future::Future;
 use std::io;
@@ -22,10 +27,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
-use crate::admin;
+use crate::admin::{self, Admin};
 use crate::config::Settings;
 use crate::proxy::Proxy;
+use crate::reload::{Reloader, Source};
 use crate::store::AnyStore;
+
+/// After a cut-off, time (besides `store_timeout`) the cut-off leaders get to record their keys unknown.
+pub const CUT_OFF_GRACE: Duration = Duration::from_millis(500);
 
 /// The bound sockets, so callers (and tests) can bind port 0 and learn the port before serving.
 pub struct Listeners {
@@ -50,31 +59,41 @@ impl Listeners {
     }
 }
 
-/// Serves the proxy and the admin listener until `shutdown` resolves, then drains within `shutdown_grace`.
+/// Serves the proxy and the admin listener until `shutdown` resolves, then drains within `drain_timeout`.
+/// `source` is where the settings came from: given, SIGHUP and `POST /reload` re-read it.
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     store: AnyStore,
     shutdown: impl Future<Output = ()>,
+    source: Option<Source>,
 ) -> io::Result<()> {
     let proxy = Arc::new(Proxy::new(&settings, store));
+    let reloader =
+        source.map(|source| Arc::new(Reloader::new(source, settings.clone(), Arc::clone(&proxy))));
+    #[cfg(unix)]
+    let hangups = reloader
+        .clone()
+        .and_then(crate::reload::hangups)
+        .map(tokio::spawn);
     let (stop, stopped) = watch::channel(false);
-    let admin = tokio::spawn(admin::serve(
-        listeners.admin,
-        Arc::clone(&proxy),
-        stopped.clone(),
-    ));
+    let admin = Admin::new(&settings, Arc::clone(&proxy), stopped.clone(), reloader);
+    let admin = tokio::spawn(admin::serve(listeners.admin, Arc::new(admin)));
     let serving = serve_proxy(listeners.proxy, proxy, &settings, stopped);
     tokio::pin!(serving);
-    tokio::select! {
-        result = &mut serving => return result,
+    let result = tokio::select! {
+        result = &mut serving => result,
         () = shutdown => {
-            tracing::info!("shutdown: no new connections; draining in-flight requests");
+            tracing::info!(drain_timeout = %settings.drain_timeout, "shutdown: not ready, no new connections; draining in-flight requests");
             let _ = stop.send(true);
+            serving.await
         }
+    };
+    admin.abort();
+    #[cfg(unix)]
+    if let Some(hangups) = hangups {
+        hangups.abort();
     }
-    let result = serving.await;
-    let _ = admin.await;
     result
 }
 
@@ -153,17 +172,29 @@ async fn serve_proxy(
         });
     }
     drop(listener);
-    let grace = settings.shutdown_grace.0;
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "shutdown grace ran out; dropping the connections still open"
-        );
-    } else {
+    let drain = settings.drain_timeout.0;
+    let guard = proxy.guard();
+    let connections = graceful.shutdown();
+    tokio::pin!(connections);
+    let drained = async { tokio::join!(&mut connections, guard.drained()) };
+    if tokio::time::timeout(drain, drained).await.is_ok() {
         tracing::info!("shutdown: drained");
+        return Ok(());
+    }
+    tracing::warn!(
+        drain_timeout = %settings.drain_timeout,
+        "drain_timeout ran out: cutting off leaders still waiting for their upstream (their keys turn unknown, never re-sent)"
+    );
+    guard.cut_off();
+    // The cut-off leaders record their keys unknown and answer their clients (502); other connections still
+    // busy then are dropped.
+    let recording = settings.store_timeout.0 + CUT_OFF_GRACE;
+    let answered = async {
+        guard.drained().await;
+        (&mut connections).await;
+    };
+    if tokio::time::timeout(recording, answered).await.is_err() {
+        tracing::warn!("dropping the connections still open; a cut-off leader that did not record its outcome leaves its key to turn unknown when its lease runs out");
     }
     Ok(())
 }

@@ -25,10 +25,6 @@ use support::{mock, proxy, url, Process};
 /// is on by default from 1.30) and the newest the validator knows.
 const KUBERNETES_VERSIONS: [Option<&str>; 2] = [Some("1.30.0"), None];
 
-/// Variables the manifests reference for settings another branch adds (the admin key API's bearer token).
-/// runonce ignores a variable it does not read, so the pods start either way.
-const PENDING_VARS: &[&str] = &["RUNONCE_ADMIN_TOKEN"];
-
 /// Where the image puts the binary (docker/Dockerfile); in the tests it is the binary cargo built.
 const IMAGE_BINARY: &str = "/usr/local/bin/runonce";
 
@@ -204,15 +200,15 @@ fn the_gateway_keeps_two_replicas_serving_through_rollouts_drains_and_shutdown()
         "the Service reaches the proxy port"
     );
 
-    // SIGTERM comes after the preStop sleep, and runonce drains for shutdown_grace after it.
+    // SIGTERM comes after the preStop sleep, and runonce drains for drain_timeout after it.
     let pre_stop = runonce["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
         .expect("a preStop sleep, so endpoints stop routing here before SIGTERM");
-    let grace = humantime::parse_duration(&vars["RUNONCE_SHUTDOWN_GRACE"]).expect("a duration");
+    let grace = humantime::parse_duration(&vars["RUNONCE_DRAIN_TIMEOUT"]).expect("a duration");
     let termination = pod["terminationGracePeriodSeconds"].as_u64().expect("set");
     assert!(
         Duration::from_secs(termination) > Duration::from_secs(pre_stop) + grace,
-        "terminationGracePeriodSeconds {termination} must exceed the preStop {pre_stop} s + shutdown_grace {grace:?}"
+        "terminationGracePeriodSeconds {termination} must exceed the preStop {pre_stop} s + drain_timeout {grace:?}"
     );
 
     // The store is the Redis of the same file, run without eviction.
@@ -463,7 +459,7 @@ fn every_runonce_variable_in_docker_files_is_one_runonce_reads() {
     for line in command_lines() {
         for name in line.env.keys().filter(|k| k.starts_with("RUNONCE_")) {
             assert!(
-                known.contains(name) || PENDING_VARS.contains(&name.as_str()),
+                known.contains(name),
                 "{}: {name} is not a runonce setting (known: {known:?})",
                 line.source
             );

@@ -213,7 +213,7 @@ async fn admin_probes_report_liveness_and_upstream_reachability() {
 async fn sigterm_lets_the_in_flight_request_finish_then_exits() {
     let slow =
         RawUpstream::start(|_| Script::Slow(Duration::from_millis(800), ok_answer(""))).await;
-    let mut proxy = proxy(&[slow.url()], &["--shutdown-grace", "5s"]);
+    let mut proxy = proxy(&[slow.url()], &["--drain-timeout", "5s"]);
     let addr = proxy.addr("proxy");
     let in_flight =
         tokio::spawn(async move { raw(addr, &form_post("/openApi/runJob", "jobId=1", "")).await });

@@ -20,15 +20,18 @@ pub mod routes;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{request, response, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
+use crate::metrics::{self, Role};
 use crate::proxy::answer::Answer;
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
@@ -55,63 +58,55 @@ const RESEND_AFTER_AUTH: Duration = Duration::from_secs(1);
 /// Most client addresses whose `/authApp` calls are remembered.
 const MAX_AUTH_CALLS: usize = 4096;
 
-/// What the engine counted since start (exported by the metrics endpoint).
-#[derive(Debug, Default)]
-pub struct Counters {
-    /// Requests that claimed a key and went upstream.
-    pub leaders: AtomicU64,
-    /// Requests that waited for a leader in flight.
-    pub waits: AtomicU64,
-    /// Requests answered with a stored answer.
-    pub replays: AtomicU64,
-    /// `Idempotency-Key` reused with another payload (422).
-    pub mismatches: AtomicU64,
-    /// Calls whose outcome became unknown, and duplicates refused because of one.
-    pub unknowns: AtomicU64,
-    /// Store operations that failed.
-    pub store_errors: AtomicU64,
-    /// Identical calls after a delivered answer that ran as new calls.
-    pub repeats: AtomicU64,
-    /// Leader outcomes released (nothing was created).
-    pub released: AtomicU64,
-}
-
-impl Counters {
-    fn add(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// `(name, value)` of every counter.
-    pub fn snapshot(&self) -> [(&'static str, u64); 8] {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        [
-            ("leaders", get(&self.leaders)),
-            ("waits", get(&self.waits)),
-            ("replays", get(&self.replays)),
-            ("mismatches", get(&self.mismatches)),
-            ("unknowns", get(&self.unknowns)),
-            ("store_errors", get(&self.store_errors)),
-            ("repeats", get(&self.repeats)),
-            ("released", get(&self.released)),
-        ]
-    }
-}
-
 /// The engine, shared by every connection.
 pub struct Guard {
     store: AnyStore,
     /// De-duplication within this process when the store fails on a `fail-open` route.
     fallback: AnyStore,
-    routes: Routes,
+    /// What a configuration reload may change; read once per request (one atomic load).
+    policy: ArcSwap<Policy>,
     upstreams: Arc<Upstreams>,
-    idempotency_key_window: Duration,
-    wait_timeout: Duration,
     lease: Duration,
-    keep_business_errors: bool,
     /// When each client address last called `/authApp` (the 5.1.0 re-send signature). Only noted when the
     /// auth header is not repaired: with the repair the 5.1.0 client never re-sends.
     auth_calls: Option<Mutex<HashMap<IpAddr, Instant>>>,
-    pub counters: Counters,
+    /// Every guarded request's decision task, so that shutdown can wait for leaders to finish.
+    tracker: TaskTracker,
+    /// Cancelled when the drain time runs out: leaders still waiting for the upstream stop and mark their key
+    /// unknown.
+    cut_off: CancellationToken,
+}
+
+/// The engine's settings that a reload may change (see `reload.rs`).
+struct Policy {
+    routes: Routes,
+    idempotency_key_window: Duration,
+    wait_timeout: Duration,
+    keep_business_errors: bool,
+}
+
+impl Policy {
+    fn new(settings: &Settings) -> Policy {
+        Policy {
+            routes: Routes::new(settings),
+            idempotency_key_window: settings.idempotency_key_window.0,
+            wait_timeout: settings.wait_timeout.0,
+            keep_business_errors: settings.keep_business_errors.0,
+        }
+    }
+}
+
+/// What happened to one guarded request, for its log line and its metrics.
+#[derive(Default)]
+struct Seen {
+    /// It claimed the key and called upstream.
+    led: bool,
+    /// When it started waiting for an identical call in flight.
+    waited_since: Option<Instant>,
+    /// How long its upstream call took (leaders).
+    upstream: Option<Duration>,
+    /// The leader's outcome.
+    outcome: Option<metrics::Outcome>,
 }
 
 /// One guarded request, keyed.
@@ -158,16 +153,32 @@ impl Guard {
         Guard {
             store,
             fallback,
-            routes: Routes::new(settings),
+            policy: ArcSwap::from_pointee(Policy::new(settings)),
             upstreams,
-            idempotency_key_window: settings.idempotency_key_window.0,
-            wait_timeout: settings.wait_timeout.0,
             lease: settings.lease.0,
-            keep_business_errors: settings.keep_business_errors.0,
             auth_calls: (settings.auth_header == AuthHeader::Preserve)
                 .then(|| Mutex::new(HashMap::new())),
-            counters: Counters::default(),
+            tracker: TaskTracker::new(),
+            cut_off: CancellationToken::new(),
         }
+    }
+
+    /// Applies reloaded routes, windows and timeouts to the requests that start from now on.
+    pub fn reload(&self, settings: &Settings) {
+        self.policy.store(Arc::new(Policy::new(settings)));
+    }
+
+    /// Shutdown: takes no new guarded requests' tasks into account after this, and resolves when every
+    /// guarded request's task has finished.
+    pub async fn drained(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// Shutdown, once the drain time ran out: leaders still waiting for their upstream stop, mark their key
+    /// unknown (the server may have acted) and answer 502.
+    pub fn cut_off(&self) {
+        self.cut_off.cancel();
     }
 
     pub fn store(&self) -> &AnyStore {
@@ -176,7 +187,7 @@ impl Guard {
 
     /// The route guarding this request, if any.
     pub fn route(&self, method: &http::Method, path: &str) -> Option<Arc<Route>> {
-        self.routes.find(method, path)
+        self.policy.load().routes.find(method, path)
     }
 
     /// Notes a `/authApp` call from `client`: a duplicate right after it is the 5.1.0 client's re-send.
@@ -209,6 +220,7 @@ impl Guard {
     }
 
     /// Answers a guarded request whose head passed the limits and whose `parts` are ready to go upstream.
+    /// Logs one line for it (route, key prefix, role, upstream time, outcome) and counts it.
     pub async fn handle(
         self: &Arc<Self>,
         route: Arc<Route>,
@@ -219,33 +231,49 @@ impl Guard {
     ) -> Result<Response<Answer>, ProxyError> {
         if route.only_creating && key::names_existing_record(&body) {
             // An update of an existing record creates nothing: no key, no store.
+            metrics::get().passthrough();
             let led = self.call_upstream(parts, body, repair).await?;
             return Ok(Response::from_parts(led.parts, Answer::new(led.body)));
         }
-        let call = Arc::new(self.key(route, parts, body, client, repair)?);
+        let call = match self.key(Arc::clone(&route), parts, body, client, repair) {
+            Ok(call) => Arc::new(call),
+            Err(err) => {
+                account(&route, None, &Seen::default(), Err(&err));
+                return Err(err);
+            }
+        };
         // The decision runs in a task of its own: a client that goes away mid-claim cannot leave a claimed key
-        // without its leader.
+        // without its leader. The tracker lets shutdown wait for it.
         let this = Arc::clone(self);
-        let decided = tokio::spawn(async move { this.decide_with_policy(call).await });
-        decided.await.unwrap_or_else(|err| {
-            Err(ProxyError::Broken {
+        let task_call = Arc::clone(&call);
+        let decided = self.tracker.spawn(async move {
+            let mut seen = Seen::default();
+            let answer = this.decide_with_policy(task_call, &mut seen).await;
+            (answer, seen)
+        });
+        let (answer, seen) = decided.await.unwrap_or_else(|err| {
+            let broken = ProxyError::Broken {
                 upstream: "runonce".into(),
                 cause: format!("the guarded request's task failed: {err}"),
-            })
-        })
+            };
+            (Err(broken), Seen::default())
+        });
+        account(&route, Some(&call.key), &seen, answer.as_ref().map(|_| ()));
+        answer
     }
 
     /// [`Self::decide`] on the store, and on a store failure what the route's policy says.
     async fn decide_with_policy(
         self: Arc<Self>,
         call: Arc<Call>,
+        trace: &mut Seen,
     ) -> Result<Response<Answer>, ProxyError> {
         let route = &call.route.name;
-        match self.decide(&self.store, &call).await {
+        match self.decide(&self.store, &call, trace).await {
             Ok(answer) => Ok(answer),
             Err(Failure::Refused(err)) => Err(err),
             Err(Failure::Store { err, seen }) => {
-                Counters::add(&self.counters.store_errors);
+                metrics::get().store_errors.inc();
                 let unavailable = |err: StoreError| ProxyError::StoreUnavailable {
                     cause: err.to_string(),
                 };
@@ -255,7 +283,7 @@ impl Guard {
                     return Err(unavailable(err));
                 }
                 tracing::warn!(%route, key = call.key.prefix(), %err, "store failed: de-duplicating in this process only (fail-open)");
-                match self.decide(&self.fallback, &call).await {
+                match self.decide(&self.fallback, &call, trace).await {
                     Ok(answer) => Ok(answer),
                     Err(Failure::Refused(err)) => Err(err),
                     Err(Failure::Store { err, .. }) => Err(unavailable(err)),
@@ -273,6 +301,7 @@ impl Guard {
         client: SocketAddr,
         repair: bool,
     ) -> Result<Call, ProxyError> {
+        let policy = self.policy.load();
         let client_key = client_key(&parts.headers)?;
         let text = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
         let payload = key::payload(
@@ -287,7 +316,7 @@ impl Guard {
         let (key, window) = match client_key {
             Some(client_key) => (
                 key::idempotency_key(&route.name, &payload.principal, client_key),
-                self.idempotency_key_window,
+                policy.idempotency_key_window,
             ),
             None => (fingerprint.clone(), route.window),
         };
@@ -313,8 +342,10 @@ impl Guard {
         self: &Arc<Self>,
         store: &AnyStore,
         call: &Call,
+        seen: &mut Seen,
     ) -> Result<Response<Answer>, Failure> {
-        let deadline = tokio::time::Instant::now() + self.wait_timeout;
+        let wait_timeout = self.policy.load().wait_timeout;
+        let deadline = tokio::time::Instant::now() + wait_timeout;
         // A request that waited for a call in flight is a retry of it: the answer it finds is its own,
         // delivered to someone or not, whichever leader stored it.
         let mut waited = false;
@@ -327,14 +358,14 @@ impl Guard {
             let record = match claim {
                 Claim::Leader(token) => {
                     return self
-                        .lead(store, call, token)
+                        .lead(store, call, token, seen)
                         .await
                         .map_err(Failure::Refused)
                 }
                 Claim::Existing(record) => record,
             };
             if call.client_keyed && record.fingerprint != call.info.fingerprint {
-                Counters::add(&self.counters.mismatches);
+                metrics::get().key_mismatches.inc();
                 let fields = key::differing_fields(&record.fields, &call.info.fields);
                 return Err(Failure::Refused(ProxyError::KeyReused { fields }));
             }
@@ -349,17 +380,15 @@ impl Guard {
                         || call.route.after_delivery == AfterDelivery::Replay
                         || self.resent_after_auth(call.client.ip(), record.age_ms);
                     if retry {
-                        Counters::add(&self.counters.replays);
                         let mark =
                             (!delivered).then(|| (store.clone(), call.key.clone(), record.owner));
                         return Ok(replay(response, mark).await);
                     }
-                    Counters::add(&self.counters.repeats);
+                    metrics::get().new_calls_after_delivery.inc();
                     tracing::info!(route = %call.route.name, key = call.key.prefix(), "identical call after a delivered answer: a new call");
                     claim = store.takeover(&call.key, &record.owner, &call.info).await?;
                 }
                 State::Unknown => {
-                    Counters::add(&self.counters.unknowns);
                     let left = call
                         .info
                         .window
@@ -370,7 +399,7 @@ impl Guard {
                 }
                 State::InFlight => {
                     if !waited {
-                        Counters::add(&self.counters.waits);
+                        seen.waited_since = Some(Instant::now());
                     }
                     waited = true;
                     claim = match wait(store, &call.key, deadline).await? {
@@ -385,7 +414,7 @@ impl Guard {
                     {
                         if tokio::time::Instant::now() >= deadline {
                             return Err(Failure::Refused(ProxyError::StillRunning {
-                                waited: self.wait_timeout,
+                                waited: wait_timeout,
                             }));
                         }
                     }
@@ -401,11 +430,14 @@ impl Guard {
         store: &AnyStore,
         call: &Call,
         token: String,
+        seen: &mut Seen,
     ) -> Result<Response<Answer>, ProxyError> {
-        Counters::add(&self.counters.leaders);
-        let started = Instant::now();
-        let (outcome, led) = self.lead_call(store, call, &token).await;
-        tracing::info!(route = %call.route.name, key = call.key.prefix(), role = "leader", upstream_ms = started.elapsed().as_millis() as u64, outcome, "guarded call");
+        seen.led = true;
+        let metrics = metrics::get();
+        metrics.inflight_keys.inc();
+        let (outcome, led) = self.lead_call(store, call, &token, seen).await;
+        metrics.inflight_keys.dec();
+        seen.outcome = Some(outcome);
         let led = led?;
         let mark = led.stored.then(|| (store.clone(), call.key.clone(), token));
         Ok(Response::from_parts(
@@ -414,13 +446,15 @@ impl Guard {
         ))
     }
 
-    /// The upstream call with its lease renewed, then the outcome recorded; returns the outcome's name too.
+    /// The upstream call with its lease renewed, then the outcome recorded; returns the outcome too.
     async fn lead_call(
         &self,
         store: &AnyStore,
         call: &Call,
         token: &str,
-    ) -> (&'static str, Result<Led, ProxyError>) {
+        seen: &mut Seen,
+    ) -> (metrics::Outcome, Result<Led, ProxyError>) {
+        let metrics = metrics::get();
         let (key, window) = (&call.key, call.info.window);
         // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
         let (parts, body) = (call.parts.clone(), call.body.clone());
@@ -439,23 +473,33 @@ impl Guard {
                         break;
                     }
                     Err(err) => {
-                        Counters::add(&self.counters.store_errors);
+                        metrics.store_errors.inc();
                         tracing::warn!(key = key.prefix(), %err, "lease renewal failed");
                     }
                 }
             }
             std::future::pending::<()>().await;
         };
+        let started = Instant::now();
         let led = tokio::select! {
             led = self.call_upstream_capturing(parts, body, call.repair) => led,
             () = renew => unreachable!("renewal never ends"),
+            // The request may have reached the server: the key turns unknown below, never re-sent.
+            () = self.cut_off.cancelled() => Err(ProxyError::Broken {
+                upstream: "runonce".into(),
+                cause: "shutting down: drain_timeout ran out before the upstream answered".into(),
+            }),
         };
+        let took = started.elapsed();
+        seen.upstream = Some(took);
+        metrics.upstream_guarded(&call.route.name, took);
+        let keep_business_errors = self.policy.load().keep_business_errors;
         let (outcome, change, result) = match led {
             Ok((mut led, head)) => match outcome::classify(
                 led.parts.status.as_u16(),
                 &led.parts.headers,
                 &led.body,
-                self.keep_business_errors,
+                keep_business_errors,
             ) {
                 Outcome::Done => {
                     let stored = Stored {
@@ -465,15 +509,18 @@ impl Guard {
                     };
                     led.stored = true;
                     (
-                        "done",
+                        metrics::Outcome::done,
                         store.complete(key, token, &stored, window).await,
                         Ok(led),
                     )
                 }
                 Outcome::Release(why) => {
                     tracing::debug!(key = key.prefix(), why, "released");
-                    Counters::add(&self.counters.released);
-                    ("released", store.release(key, token).await, Ok(led))
+                    (
+                        metrics::Outcome::released,
+                        store.release(key, token).await,
+                        Ok(led),
+                    )
                 }
                 Outcome::Unknown(why) => {
                     tracing::warn!(
@@ -481,9 +528,8 @@ impl Guard {
                         why,
                         "outcome unknown: the key is kept and never re-sent"
                     );
-                    Counters::add(&self.counters.unknowns);
                     (
-                        "unknown",
+                        metrics::Outcome::unknown,
                         store.mark_unknown(key, token, window).await,
                         Ok(led),
                     )
@@ -492,17 +538,22 @@ impl Guard {
             // A buffered body cannot fail on the client's side: anything but "never sent" may have reached the
             // server.
             Err(err) if !matches!(err, ProxyError::Unreachable { .. }) => {
-                Counters::add(&self.counters.unknowns);
+                tracing::warn!(
+                    key = key.prefix(),
+                    %err,
+                    "outcome unknown: the key is kept and never re-sent"
+                );
                 (
-                    "unknown",
+                    metrics::Outcome::unknown,
                     store.mark_unknown(key, token, window).await,
                     Err(err),
                 )
             }
-            Err(err) => {
-                Counters::add(&self.counters.released);
-                ("released", store.release(key, token).await, Err(err))
-            }
+            Err(err) => (
+                metrics::Outcome::released,
+                store.release(key, token).await,
+                Err(err),
+            ),
         };
         let recorded = matches!(change, Ok(true));
         match change {
@@ -512,7 +563,7 @@ impl Guard {
                 "the key was no longer this leader's: outcome not recorded"
             ),
             Err(err) => {
-                Counters::add(&self.counters.store_errors);
+                metrics.store_errors.inc();
                 tracing::warn!(key = key.prefix(), %err, "outcome not recorded; the lease will run out and the key turn unknown");
             }
         }
@@ -579,6 +630,50 @@ impl Guard {
             head,
         ))
     }
+}
+
+/// The one log line and the metrics of a guarded request. `key` is `None` when it could not be keyed.
+fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &ProxyError>) {
+    let metrics = metrics::get();
+    let role = match answer {
+        _ if seen.led => Role::leader,
+        Err(_) => Role::rejected,
+        Ok(()) if seen.waited_since.is_some() => Role::waiter,
+        Ok(()) => Role::hit,
+    };
+    metrics.request(&route.name, role);
+    if let Some(since) = seen.waited_since {
+        metrics.wait.observe(since.elapsed().as_secs_f64());
+    }
+    let refused_duplicate = matches!(
+        answer,
+        Err(ProxyError::OutcomeUnknown { .. } | ProxyError::StillRunning { .. })
+    );
+    if matches!(role, Role::waiter | Role::hit) || refused_duplicate {
+        metrics.duplicates_suppressed.inc();
+    }
+    let outcome = match (seen.outcome, answer) {
+        (Some(outcome), _) => {
+            metrics.outcome(outcome);
+            outcome.as_str()
+        }
+        (None, Ok(())) if role == Role::waiter => "shared",
+        (None, Ok(())) => "replayed",
+        (None, Err(err)) => err.code(),
+    };
+    let status = match answer {
+        Ok(()) => None,
+        Err(err) => Some(err.status().as_u16()),
+    };
+    tracing::info!(
+        route = %route.name,
+        key = key.map_or("-", Key::prefix),
+        role = role.as_str(),
+        upstream_ms = seen.upstream.map(|d| d.as_millis() as u64),
+        outcome,
+        status,
+        "guarded request"
+    );
 }
 
 /// Waits until the record is settled (`Some`), gone (`None`), or the deadline passed (`Some` still in flight).
@@ -674,6 +769,7 @@ fn delivered_body(body: Bytes, mark: Option<(AnyStore, Key, String)>) -> Answer 
         None => answer,
         Some((store, key, owner)) => answer.record_delivery(async move {
             if let Err(err) = store.mark_delivered(&key, &owner).await {
+                metrics::get().store_errors.inc();
                 tracing::warn!(key = key.prefix(), %err, "delivery not recorded");
             }
         }),

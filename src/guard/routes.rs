@@ -30,7 +30,8 @@ pub const SAVING: &[&str] = &["saveJob", "saveWorkflow", "addWorkflowNode"];
 /// The effective settings of one guarded endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
-    pub name: String,
+    /// Shared, so that metrics label a request with it without copying it.
+    pub name: Arc<str>,
     pub window: Duration,
     /// The body fields of the fingerprint; `None`: all of them.
     pub fields: Option<Vec<String>>,
@@ -64,7 +65,7 @@ impl Routes {
                 after_delivery: custom.after_delivery.unwrap_or(settings.after_delivery),
                 on_store_error: custom.on_store_error.unwrap_or(settings.on_store_error),
                 only_creating: SAVING.contains(&name.as_str()),
-                name: name.clone(),
+                name: Arc::from(name.as_str()),
             };
             by_name.insert(name, Arc::new(route));
         }

@@ -135,16 +135,22 @@ impl Proxy {
             let answer = self.guard.handle(route, parts, body, client, repair).await;
             return answer.map(|response| response.map(Either::Right));
         }
+        let metrics = crate::metrics::get();
+        metrics.passthrough();
         let body = Either::Left(Limited::new(body, self.body_limit as usize));
         let arm = tap::Arm {
             repair,
             capture: false,
         };
+        let started = std::time::Instant::now();
         let (mut response, _) = self
             .upstreams
             .send(Request::from_parts(parts, body), arm)
             .await
             .map_err(limit_error)?;
+        metrics
+            .upstream_passthrough
+            .observe(started.elapsed().as_secs_f64());
         headers::remove_hop_by_hop(response.headers_mut());
         Ok(response.map(Either::Left))
     }

@@ -180,6 +180,9 @@ fn repair(
                 let fix = (fix_auth && code == 200)
                     .then(|| auth_fix(head.headers, buf.as_ptr()))
                     .flatten();
+                if fix.is_some() {
+                    crate::metrics::get().auth_headers_repaired.inc();
+                }
                 let grown = if fix == Some(Fix::Add) {
                     AUTH_LINE.len()
                 } else {

@@ -122,6 +122,9 @@ impl Upstreams {
                 }
                 Err(Attempt::Failed(err)) => return Err(err),
                 Err(Attempt::NotSent(back, cause)) => {
+                    if step + 1 < self.servers.len() {
+                        crate::metrics::get().upstream_failovers.inc();
+                    }
                     tracing::warn!(upstream = %server.url, %cause, "upstream not reachable; request not sent, trying the next");
                     last = (server.url.to_string(), cause);
                     request = *back;

@@ -20,7 +20,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{new_token, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -260,6 +260,19 @@ impl Store for MemoryStore {
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
         Ok(self.lock().remove(key))
+    }
+
+    async fn list(&self, filter: Listing, limit: usize) -> Result<Vec<(Key, Record)>, StoreError> {
+        let now = Instant::now();
+        let inner = self.lock();
+        Ok(inner
+            .entries
+            .iter()
+            .filter(|(_, e)| e.expires_at > now)
+            .map(|(key, e)| (key.clone(), e.record(now)))
+            .filter(|(_, record)| filter.matches(&record.state))
+            .take(limit)
+            .collect())
     }
 
     async fn changed(&self, key: &Key, poll: Duration) {

@@ -86,6 +86,45 @@ pub enum State {
     Unknown,
 }
 
+impl State {
+    /// The state's name, as the admin API and Redis spell it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::InFlight => "inflight",
+            State::Done { .. } => "done",
+            State::Unknown => "unknown",
+        }
+    }
+}
+
+/// Which records a listing returns (the admin API's `GET /keys?state=…`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listing {
+    All,
+    /// Records in this state (one of [`State::name`]).
+    Only(&'static str),
+}
+
+impl Listing {
+    /// `inflight`, `done`, `unknown` or nothing (all).
+    pub fn parse(state: Option<&str>) -> Option<Listing> {
+        match state {
+            None | Some("") | Some("all") => Some(Listing::All),
+            Some("inflight") => Some(Listing::Only("inflight")),
+            Some("done") => Some(Listing::Only("done")),
+            Some("unknown") => Some(Listing::Only("unknown")),
+            Some(_) => None,
+        }
+    }
+
+    pub fn matches(self, state: &State) -> bool {
+        match self {
+            Listing::All => true,
+            Listing::Only(name) => state.name() == name,
+        }
+    }
+}
+
 /// A record as read from the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -194,6 +233,14 @@ pub trait Store: Send + Sync {
     /// Deletes the record whatever its state (operators: to release an `Unknown`).
     fn purge(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// At most `limit` records that match `filter`, with their keys, in no particular order (operators: the admin
+    /// API). Walks the whole store (in Redis with `SCAN`, on every Cluster master): not for the request path.
+    fn list(
+        &self,
+        filter: Listing,
+        limit: usize,
+    ) -> impl Future<Output = Result<Vec<(Key, Record)>, StoreError>> + Send;
+
     /// Resolves when the record of `key` may have changed, or after `poll` at the latest (the fallback when a
     /// wake-up is lost). Callers re-read the record after it.
     fn changed(&self, key: &Key, poll: Duration) -> impl Future<Output = ()> + Send;
@@ -267,6 +314,10 @@ impl Store for AnyStore {
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
         each!(self, s => s.purge(key).await)
+    }
+
+    async fn list(&self, filter: Listing, limit: usize) -> Result<Vec<(Key, Record)>, StoreError> {
+        each!(self, s => s.list(filter, limit).await)
     }
 
     async fn changed(&self, key: &Key, poll: Duration) {

@@ -60,6 +60,7 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo,
     ProtocolVersion, PushKind, RedisError, ServerErrorKind, Value,
@@ -68,7 +69,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{new_token, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
 
 /// Time-outs in a row after which the shared connection is replaced by a new one.
 pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
@@ -260,6 +261,61 @@ impl RedisStore {
         }
     }
 
+    /// One command bounded by the operation time-out (for the admin listing; the request path uses [`Self::eval`]).
+    async fn bounded(
+        &self,
+        op: &'static str,
+        call: impl std::future::Future<Output = redis::RedisResult<Value>>,
+    ) -> Result<Value, StoreError> {
+        match tokio::time::timeout(self.inner.op_timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(err)) => Err(StoreError {
+                op,
+                cause: format!("redis: {err}"),
+            }),
+            Err(_) => Err(StoreError {
+                op,
+                cause: format!(
+                    "no answer from redis within {} ms",
+                    self.inner.op_timeout.as_millis()
+                ),
+            }),
+        }
+    }
+
+    /// `(host, port)` of every master of the Cluster, from `CLUSTER NODES`.
+    async fn masters(
+        &self,
+        cluster: &mut ClusterConnection,
+    ) -> Result<Vec<(String, u16)>, StoreError> {
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+        let value = self
+            .bounded(
+                "list",
+                cluster.route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing),
+            )
+            .await?;
+        let nodes = text(Some(&value)).ok_or_else(|| unexpected("list", &value))?;
+        let masters = nodes
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = fields.get(2)?;
+                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
+                    return None;
+                }
+                // `ip:port@cport[,hostname]`
+                let address = fields.get(1)?.split(['@', ',']).next()?;
+                let (host, port) = address.rsplit_once(':')?;
+                Some((host.to_string(), port.parse().ok()?))
+            })
+            .collect::<Vec<_>>();
+        if masters.is_empty() {
+            return Err(unexpected("list", &value));
+        }
+        Ok(masters)
+    }
+
     /// Whether the record is in flight under a live lease (a waiter keeps waiting).
     async fn is_in_flight(&self, key: &Key) -> Result<bool, StoreError> {
         let value = self.eval("changed", &scripts().in_flight, key, &[]).await?;
@@ -406,6 +462,57 @@ impl Store for RedisStore {
         self.change("purge", &scripts().purge, key, &[]).await
     }
 
+    /// `SCAN`s for `runonce:{*}` hashes on the one server, or on every master of a Cluster (each holds part of
+    /// the keyspace), and reads each record with the `get` script.
+    async fn list(&self, filter: Listing, limit: usize) -> Result<Vec<(Key, Record)>, StoreError> {
+        let mut conn = self.current();
+        let nodes = match &mut conn {
+            Conn::Standalone(_) => vec![None],
+            Conn::Cluster(cluster) => self.masters(cluster).await?.into_iter().map(Some).collect(),
+        };
+        let mut found = Vec::new();
+        for node in nodes {
+            let mut cursor = 0u64;
+            // Each turn moves the cursor on; SCAN ends with cursor 0 after a full pass.
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor)
+                    .arg("MATCH")
+                    .arg("runonce:{*}")
+                    .arg("COUNT")
+                    .arg(500)
+                    .arg("TYPE")
+                    .arg("hash");
+                let value = self
+                    .bounded("list", conn.routed(scan, node.clone()))
+                    .await?;
+                let (next, names) = scan_page(&value).ok_or_else(|| unexpected("list", &value))?;
+                for name in names {
+                    let Some(key) = name
+                        .strip_prefix("runonce:{")
+                        .and_then(|rest| rest.strip_suffix('}'))
+                        .and_then(Key::parse)
+                    else {
+                        continue;
+                    };
+                    if let Some(record) = self.get(&key).await? {
+                        if filter.matches(&record.state) {
+                            found.push((key, record));
+                            if found.len() >= limit {
+                                return Ok(found);
+                            }
+                        }
+                    }
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(found)
+    }
+
     async fn changed(&self, key: &Key, poll: Duration) {
         let registration = self.inner.waiters.register(channel(key));
         let notify = Arc::clone(&registration.notify);
@@ -475,6 +582,18 @@ impl Conn {
                 self.query(&call("EVAL", script.source)).await
             }
             answer => answer,
+        }
+    }
+
+    /// `cmd` on the standalone server, or on the given Cluster node.
+    async fn routed(&mut self, cmd: Cmd, node: Option<(String, u16)>) -> redis::RedisResult<Value> {
+        match (self, node) {
+            (Conn::Cluster(conn), Some((host, port))) => {
+                let routing =
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+                conn.route_command(cmd, routing).await
+            }
+            (conn, _) => conn.query(&cmd).await,
         }
     }
 
@@ -622,6 +741,22 @@ fn int(value: Option<&Value>) -> Option<i64> {
         Value::Int(n) => Some(*n),
         other => text(Some(other))?.parse().ok(),
     }
+}
+
+/// A `SCAN` answer: the next cursor and the names of this page.
+fn scan_page(value: &Value) -> Option<(u64, Vec<String>)> {
+    let Value::Array(items) = value else {
+        return None;
+    };
+    let cursor = text(items.first())?.parse().ok()?;
+    let Value::Array(names) = items.get(1)? else {
+        return None;
+    };
+    let names = names
+        .iter()
+        .filter_map(|name| text(Some(name)).map(String::from))
+        .collect();
+    Some((cursor, names))
 }
 
 /// A `0`/`1` answer.

@@ -28,6 +28,24 @@ pub struct Process {
 impl Process {
     /// Starts `runonce ARGS…` and waits for its `listening …` line on stdout.
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Process {
+        Process::spawn(args, env, Stdio::inherit())
+    }
+
+    /// [`Process::start`], with the process's log (stderr) collected for the test to read.
+    pub fn start_logged(args: &[&str], env: &[(&str, &str)]) -> (Process, Logs) {
+        let mut process = Process::spawn(args, env, Stdio::piped());
+        let stderr = process.child.stderr.take().expect("stderr");
+        let logs = Logs::default();
+        let lines = Arc::clone(&logs.0);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        (process, logs)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Process {
         let mut child = Command::new(env!("CARGO_BIN_EXE_runonce"))
             .args(args)
             // Quiet unless a test (or the person running it) asks for more.
@@ -37,7 +55,7 @@ impl Process {
             )
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn runonce");
         let stdout = child.stdout.take().expect("stdout");
@@ -83,6 +101,16 @@ impl Process {
         assert!(status.success());
     }
 
+    /// Sends `signal` (`HUP`, `TERM`, …).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
     /// Waits for the process to exit, at most `limit`.
     pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + limit;
@@ -103,8 +131,32 @@ impl Drop for Process {
     }
 }
 
-/// `runonce serve` on free ports in front of `upstreams`, with extra flags.
-pub fn proxy(upstreams: &[String], extra: &[&str]) -> Process {
+/// The log lines a process wrote to stderr so far (see [`Process::start_logged`]).
+#[derive(Clone, Default)]
+pub struct Logs(Arc<Mutex<Vec<String>>>);
+
+impl Logs {
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits (at most [`STEP`]) for a line containing `needle`, and returns it.
+    pub fn wait_for(&self, needle: &str) -> Option<String> {
+        let deadline = std::time::Instant::now() + STEP;
+        loop {
+            if let Some(line) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return Some(line);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `args` for `runonce serve` on free ports in front of `upstreams`, with extra flags.
+pub fn proxy_args<'a>(upstreams: &'a [String], extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "serve",
         "--listen",
@@ -116,7 +168,20 @@ pub fn proxy(upstreams: &[String], extra: &[&str]) -> Process {
         args.extend(["--upstream", upstream.as_str()]);
     }
     args.extend_from_slice(extra);
-    Process::start(&args, &[])
+    args
+}
+
+/// A request to the admin listener at `admin`: `method path`, with `headers` (each line ending in CRLF).
+pub async fn admin_call(admin: SocketAddr, method: &str, path: &str, headers: &str) -> RawResponse {
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\n{headers}Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    raw(admin, request.as_bytes()).await.expect("admin answer")
+}
+
+/// `runonce serve` on free ports in front of `upstreams`, with extra flags.
+pub fn proxy(upstreams: &[String], extra: &[&str]) -> Process {
+    Process::start(&proxy_args(upstreams, extra), &[])
 }
 
 /// `runonce mock-powerjob` on a free port.

@@ -343,6 +343,17 @@ pub fn env_vars() -> Vec<String> {
     SCALAR_KEYS.iter().map(|key| env_var(key)).collect()
 }
 
+/// The `RUNONCE_*` names among `names` that runonce does not read: a typo or a renamed setting, which would
+/// otherwise be ignored without a word. `RUNONCE_CONFIG` (the file) and `RUNONCE_LOG` (the filter) are read too.
+pub fn unknown_env_vars(names: impl IntoIterator<Item = String>) -> Vec<String> {
+    let known = env_vars();
+    names
+        .into_iter()
+        .filter(|name| name.starts_with("RUNONCE_"))
+        .filter(|name| name != "RUNONCE_CONFIG" && name != "RUNONCE_LOG" && !known.contains(name))
+        .collect()
+}
+
 fn read_file(path: &Path) -> Result<Layer, ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)

@@ -143,6 +143,9 @@ async fn serve(args: ServeArgs) -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init(settings.log_format, "info");
+    for name in unknown_env() {
+        tracing::warn!(variable = %name, "not a runonce setting; ignored");
+    }
     // Opening the store connects to nothing yet (Redis may come up later): only the URL can be wrong.
     let store = match runonce::store::open(&settings).await {
         Ok(store) => store,
@@ -209,9 +212,16 @@ async fn mock_powerjob(args: MockArgs) -> ExitCode {
     }
 }
 
+fn unknown_env() -> Vec<String> {
+    config::unknown_env_vars(std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()))
+}
+
 fn check_config(file: &std::path::Path) -> ExitCode {
     match load(Some(file), &Flags::default()) {
         Ok(settings) => {
+            for name in unknown_env() {
+                eprintln!("runonce: warning: {name} is not a runonce setting; ignored");
+            }
             print!("{}", settings.to_toml());
             ExitCode::SUCCESS
         }

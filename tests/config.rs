@@ -113,3 +113,22 @@ fn a_redis_url_that_does_not_parse_exits_64_before_listening() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn an_unknown_runonce_variable_is_named_in_a_warning() {
+    let file =
+        std::env::temp_dir().join(format!("runonce-unknown-env-{}.toml", std::process::id()));
+    std::fs::write(&file, "upstreams = [\"http://127.0.0.1:1\"]\n").unwrap();
+    let out = runonce(
+        &["check-config", file.to_str().unwrap()],
+        &[("RUNONCE_SHUTDOWN_GRACE", "5s"), ("RUNONCE_LOG", "info")],
+    );
+    std::fs::remove_file(&file).ok();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("RUNONCE_SHUTDOWN_GRACE is not a runonce setting"),
+        "{err}"
+    );
+    assert!(!err.contains("RUNONCE_LOG"), "RUNONCE_LOG is read: {err}");
+}

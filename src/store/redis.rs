@@ -2,7 +2,8 @@
 //!
 //! **Layout.** One hash per key, `runonce:{<64-hex key>}`; the braces are a hash tag, so a record and all a
 //! script touches live in one slot of a Redis Cluster. Fields: `state` (`inflight` | `done` | `unknown`), `owner`
-//! (the leader's token), `fp`, `fields`, `created` and `lease_until` (milliseconds on Redis's clock), and once
+//! (the leader's token), `fp`, `fields`, `cred` (the digest of the leader's access token, never the token),
+//! `created` and `lease_until` (milliseconds on Redis's clock), and once
 //! done `status`, `head`, `body` (the bytes as they came) and `delivered` (`0`/`1`). The hash's time to live is
 //! the record's expiry: max(window, lease) from the claim, raised to at least the lease by each renew, the window
 //! again from completion or from turning unknown.
@@ -293,6 +294,7 @@ impl Store for RedisStore {
                     info.fields.as_bytes(),
                     lease.as_bytes(),
                     window.as_bytes(),
+                    info.credential.as_bytes(),
                 ],
             )
             .await?;
@@ -319,6 +321,7 @@ impl Store for RedisStore {
                     info.fields.as_bytes(),
                     lease.as_bytes(),
                     window.as_bytes(),
+                    info.credential.as_bytes(),
                 ],
             )
             .await?;
@@ -654,7 +657,7 @@ fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, 
 
 /// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}` as a [`Record`].
 fn record(items: &[Value]) -> Option<Record> {
-    if items.len() != 10 {
+    if items.len() != 11 {
         return None;
     }
     let state = match text(items.get(1))? {
@@ -680,6 +683,7 @@ fn record(items: &[Value]) -> Option<Record> {
         fingerprint: text(items.get(3))?.to_string(),
         fields: text(items.get(4))?.to_string(),
         age_ms: u64::try_from(int(items.get(5))?).unwrap_or(0),
+        credential: text(items.get(10))?.to_string(),
     })
 }
 

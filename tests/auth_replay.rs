@@ -11,8 +11,7 @@ use support::*;
 
 const RUN_JOB: &str = "/openApi/runJob";
 const FORM: &str = "jobId=5&delay=0&appId=1";
-const AUTH_BODY: &str =
-    r#"{"appName":"my-app","encryptedPassword":"e10adc3949ba59abbe56e057f20f883e","encryptType":"md5"}"#;
+const AUTH_BODY: &str = r#"{"appName":"my-app","encryptedPassword":"e10adc3949ba59abbe56e057f20f883e","encryptType":"md5"}"#;
 
 /// A fresh token from the mock's `/authApp` (straight to the mock: runonce passes it through anyway).
 async fn token(mock: SocketAddr) -> String {
@@ -98,7 +97,10 @@ async fn waiters_with_another_token_share_the_answer_only_once_the_server_accept
         forged.head
     );
     let refusal = forged.json().unwrap();
-    assert_eq!((refusal["success"].clone(), refusal["code"].clone()), (false.into(), "-401".into()));
+    assert_eq!(
+        (refusal["success"].clone(), refusal["code"].clone()),
+        (false.into(), "-401".into())
+    );
     assert!(!forged.text().contains(&id.to_string()));
     // No token at all.
     assert_eq!(none.exact("X-POWERJOB-AUTH-PASSED"), Some("false"));
@@ -107,7 +109,10 @@ async fn waiters_with_another_token_share_the_answer_only_once_the_server_accept
 
     let (instances, run_jobs, verifications) = stats(&mock).await;
     assert_eq!((instances, run_jobs), (1, 1), "duplicates never ran");
-    assert_eq!(verifications, 3, "one read-only call per token that differs");
+    assert_eq!(
+        verifications, 3,
+        "one read-only call per token that differs"
+    );
 }
 
 #[tokio::test]
@@ -124,7 +129,11 @@ async fn a_stored_answer_is_replayed_to_another_token_only_while_the_server_acce
 
     let same = run_job(p, &credentials(&leader_token)).await;
     assert!(replayed(&same));
-    assert_eq!(stats(&mock).await, (1, 1, 0), "the leader's own token: no check");
+    assert_eq!(
+        stats(&mock).await,
+        (1, 1, 0),
+        "the leader's own token: no check"
+    );
 
     let other = run_job(p, &credentials(&other_token)).await;
     assert!(replayed(&other), "{}", other.head);
@@ -147,7 +156,12 @@ async fn a_stored_answer_is_replayed_to_another_token_only_while_the_server_acce
     let revoked = run_job(p, &credentials(&other_token)).await;
     assert!(!replayed(&revoked), "{}", revoked.head);
     assert_eq!(revoked.exact("X-POWERJOB-AUTH-PASSED"), Some("false"));
-    assert_eq!(revoked.json().unwrap()["code"], "-403", "{}", revoked.text());
+    assert_eq!(
+        revoked.json().unwrap()["code"],
+        "-403",
+        "{}",
+        revoked.text()
+    );
     assert!(!revoked.text().contains(&id.to_string()));
 
     let (instances, run_jobs, verifications) = stats(&mock).await;
@@ -165,7 +179,10 @@ async fn with_auth_off_on_the_server_another_token_still_gets_the_replay() {
     let first = run_job(p, &credentials("t1")).await;
     let second = run_job(p, &credentials("t2")).await;
     assert!(replayed(&second), "{}", second.head);
-    assert_eq!(second.json().unwrap()["data"], first.json().unwrap()["data"]);
+    assert_eq!(
+        second.json().unwrap()["data"],
+        first.json().unwrap()["data"]
+    );
     assert_eq!(second.exact("X-POWERJOB-AUTH-PASSED"), Some("true"));
     assert_eq!(stats(&mock).await, (1, 1, 1));
 }
@@ -190,6 +207,10 @@ async fn no_verdict_means_no_replay() {
     assert_eq!(second.json().unwrap()["code"], "RUNONCE_AUTH_UNVERIFIED");
     assert!(!second.text().contains("754612332134400064"));
     assert_eq!(upstream.count(), 2, "runJob once, the check once");
-    assert!(upstream.request(1).starts_with("POST /openApi/fetchInstanceStatus "));
-    assert!(upstream.request(1).contains("instanceId=754612332134400064"));
+    assert!(upstream
+        .request(1)
+        .starts_with("POST /openApi/fetchInstanceStatus "));
+    assert!(upstream
+        .request(1)
+        .contains("instanceId=754612332134400064"));
 }

@@ -96,14 +96,14 @@ async fn ask(
     parts: &request::Parts,
     stored: &Stored,
 ) -> Result<Verdict, ProxyError> {
-    let request = verification_request(parts, stored).map_err(|cause| {
-        ProxyError::AuthUnverified {
+    let request =
+        verification_request(parts, stored).map_err(|cause| ProxyError::AuthUnverified {
             cause: format!("cannot build the verification request: {cause}"),
-        }
-    })?;
+        })?;
     let unverified = |err: ProxyError| ProxyError::AuthUnverified {
         cause: match err {
-            ProxyError::Unreachable { upstream, cause } | ProxyError::Broken { upstream, cause } => {
+            ProxyError::Unreachable { upstream, cause }
+            | ProxyError::Broken { upstream, cause } => {
                 format!("{upstream}: {cause}")
             }
             ProxyError::Timeout { upstream, timeout } => {
@@ -257,10 +257,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let bytes = runtime
-            .block_on(body.collect())
-            .unwrap()
-            .to_bytes();
+        let bytes = runtime.block_on(body.collect()).unwrap().to_bytes();
         String::from_utf8(bytes.to_vec()).unwrap()
     }
 }

@@ -105,9 +105,7 @@ impl ProxyError {
             ProxyError::OutcomeUnknown { retry_after } => Some(*retry_after),
             ProxyError::StillRunning { .. }
             | ProxyError::StoreUnavailable { .. }
-            | ProxyError::AuthUnverified { .. } => {
-                Some(Duration::from_secs(1))
-            }
+            | ProxyError::AuthUnverified { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

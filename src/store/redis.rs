@@ -903,11 +903,13 @@ mod tests {
                 b"HTTP/1.1 201 X\r\n\r\n",
                 b"\xff\x00",
                 b"1",
+                b"c0ffee",
             ],
             42,
         );
         let parsed = record(&done).unwrap();
         assert_eq!(parsed.age_ms, 42);
+        assert_eq!(parsed.credential, "c0ffee");
         assert_eq!(
             parsed.state,
             State::Done {
@@ -926,7 +928,7 @@ mod tests {
         let mut bad = done.clone();
         bad[6] = Value::BulkString(b"99999".to_vec());
         assert!(record(&bad).is_none());
-        assert!(record(&done[..9]).is_none());
+        assert!(record(&done[..10]).is_none());
         assert!(claim_answer("claim", Value::Int(1), "t".into()).is_err());
         assert!(claim_answer("claim", Value::Array(vec![]), "t".into()).is_err());
         assert!(flag("renew", &Value::Int(2)).is_err());
@@ -946,6 +948,7 @@ mod tests {
                 b"",
                 b"",
                 b"0",
+                b"",
             ],
             1,
         );

@@ -952,4 +952,51 @@ mod tests {
         assert_eq!(e.key, "window");
         assert!(load(&["--idempotency-key-window", "30days"]).is_ok());
     }
+
+    #[test]
+    fn security_keys_are_checked_and_name_the_key() {
+        let load = |args: &[&str], vars: &[(&str, &str)]| {
+            let mut all = vec!["--upstream", "http://a:1"];
+            all.extend_from_slice(args);
+            Settings::load(None, env(vars), &flags(&all))
+        };
+        let s = load(
+            &["--allow-network", "10.9.8.7/8", "--allow-network", "::1"],
+            &[("RUNONCE_ALLOW_APPS", "1, 007")],
+        )
+        .unwrap();
+        assert_eq!(s.allow_networks[0].to_string(), "10.0.0.0/8");
+        assert_eq!(s.allow_networks[1].to_string(), "::1/128");
+        assert_eq!(s.allow_apps, vec![AppId(1), AppId(7)]);
+        assert_eq!(
+            load(&["--allow-network", "10.0.0.0/33"], &[])
+                .unwrap_err()
+                .key,
+            "--allow-network"
+        );
+        assert_eq!(
+            load(&["--allow-app", "0x2"], &[]).unwrap_err().key,
+            "--allow-app"
+        );
+
+        let secret = ("RUNONCE_SHARED_SECRET", "0123456789abcdef");
+        assert!(load(&["--shared-secret-header", "X-Runonce-Secret"], &[secret]).is_ok());
+        let e = load(&["--shared-secret-header", "X-Runonce-Secret"], &[]).unwrap_err();
+        assert_eq!(e.key, "shared_secret");
+        let e = load(&[], &[secret]).unwrap_err();
+        assert_eq!(e.key, "shared_secret_header");
+        for header in ["X-POWERJOB-ACCESS-TOKEN", "Host", "bad header"] {
+            let e = load(&["--shared-secret-header", header], &[secret]).unwrap_err();
+            assert_eq!(e.key, "shared_secret_header", "{header}");
+        }
+        let short = ("RUNONCE_SHARED_SECRET", "0123456789abcde");
+        let e = load(&["--shared-secret-header", "X-S"], &[short]).unwrap_err();
+        assert_eq!(e.key, "shared_secret");
+        assert!(!e.to_string().contains("0123456789abcde"), "{e}");
+        assert!(!format!(
+            "{:?}",
+            load(&["--shared-secret-header", "X-S"], &[secret]).unwrap()
+        )
+        .contains("0123456789abcdef"));
+    }
 }

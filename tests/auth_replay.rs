@@ -214,3 +214,34 @@ async fn no_verdict_means_no_replay() {
         .request(1)
         .contains("instanceId=754612332134400064"));
 }
+
+#[tokio::test]
+async fn replicas_on_redis_check_the_token_of_a_duplicate_led_elsewhere() {
+    let redis = support::redis::RedisServer::start();
+    let mock = mock("auth-on", 1200);
+    let upstream = [url(mock.addr("mock"))];
+    let flags = ["--store", &redis.url(), "--after-delivery", "replay"];
+    let (a, b) = (proxy(&upstream, &flags), proxy(&upstream, &flags));
+    let m = mock.addr("mock");
+    let (leader_token, other_token) = (token(m).await, token(m).await);
+
+    let (pa, pb) = (a.addr("proxy"), b.addr("proxy"));
+    let leader = tokio::spawn(async move { run_job(pa, &credentials(&leader_token)).await });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Waiters on the other replica: the leader's token digest came to it through Redis.
+    let forged = tokio::spawn(async move { run_job(pb, &credentials("forged")).await });
+    let valid = tokio::spawn(async move { run_job(pb, &credentials(&other_token)).await });
+    let (leader, forged, valid) = (
+        leader.await.unwrap(),
+        forged.await.unwrap(),
+        valid.await.unwrap(),
+    );
+    let id = leader.json().unwrap()["data"].clone();
+    assert!(id.as_i64().is_some(), "{}", leader.text());
+    assert!(replayed(&valid), "{}", valid.head);
+    assert_eq!(valid.json().unwrap()["data"], id);
+    assert!(!replayed(&forged));
+    assert_eq!(forged.exact("X-POWERJOB-AUTH-PASSED"), Some("false"));
+    assert!(!forged.text().contains(&id.to_string()));
+    assert_eq!(stats(&mock).await, (1, 1, 2));
+}

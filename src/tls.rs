@@ -97,7 +97,8 @@ pub struct ClientIo {
 
 enum State {
     Plain(TcpStream),
-    Handshaking(tokio_rustls::Accept<TcpStream>),
+    /// Boxed, as the TLS states are large next to a plain stream.
+    Handshaking(Box<tokio_rustls::Accept<TcpStream>>),
     Tls(Box<TlsStream<TcpStream>>),
     /// The handshake failed; every later read or write fails too.
     Failed,
@@ -107,9 +108,9 @@ impl ClientIo {
     /// Wraps an accepted stream: TLS when `tls` is given.
     pub fn new(stream: TcpStream, peer: SocketAddr, tls: Option<&Arc<ServerConfig>>) -> ClientIo {
         let state = match tls {
-            Some(config) => {
-                State::Handshaking(TlsAcceptor::from(Arc::clone(config)).accept(stream))
-            }
+            Some(config) => State::Handshaking(Box::new(
+                TlsAcceptor::from(Arc::clone(config)).accept(stream),
+            )),
             None => State::Plain(stream),
         };
         ClientIo { state, peer }
@@ -118,7 +119,7 @@ impl ClientIo {
     /// Drives the handshake, if one is under way, to its end.
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if let State::Handshaking(accept) = &mut self.state {
-            match ready!(Pin::new(accept).poll(cx)) {
+            match ready!(Pin::new(accept.as_mut()).poll(cx)) {
                 Ok(stream) => self.state = State::Tls(Box::new(stream)),
                 Err(err) => {
                     tracing::info!(peer = %self.peer, %err, "TLS handshake failed");

@@ -78,6 +78,8 @@ async fn only_allowed_apps_reach_the_server_on_guarded_and_pass_through_routes()
     assert_refused(&none, "RUNONCE_APP_NOT_ALLOWED");
     let hex = send(p, form_post("/openApi/runJob", "jobId=5&appId=0x1", "")).await;
     assert_refused(&hex, "RUNONCE_APP_NOT_ALLOWED");
+    let odd = send(p, form_post("/%6FpenApi;x/runJob", "jobId=5&appId=2", "")).await;
+    assert_refused(&odd, "RUNONCE_APP_NOT_ALLOWED");
     assert_eq!(requests_to(&mock, "/openApi/runJob").await, 1);
 
     // Pass-through routes: the body is read to find the app, then forwarded whole.
@@ -182,6 +184,15 @@ async fn the_shared_secret_is_required_on_openapi_and_never_forwarded() {
 
     let missing = send(p, run(String::new())).await;
     assert_refused(&missing, "RUNONCE_SECRET_REQUIRED");
+    // Spellings the server reads as /openApi/runJob need it too.
+    for path in [
+        "/%6FpenApi/runJob",
+        "/openApi;x=1/runJob",
+        "//openApi/runJob",
+    ] {
+        let odd = send(p, form_post(path, "jobId=5&delay=0&appId=1", "")).await;
+        assert_refused(&odd, "RUNONCE_SECRET_REQUIRED");
+    }
     let wrong = send(
         p,
         run("X-Runonce-Secret: s3cret-0123456789-abcdeF\r\n".into()),

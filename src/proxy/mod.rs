@@ -103,9 +103,8 @@ impl Proxy {
         self.check_head(&request)?;
         let (mut parts, body) = request.into_parts();
         // Refused callers learn nothing else about the request.
-        let endpoint = powerjob::openapi_endpoint(parts.uri.path());
-        self.access
-            .check_head(client.ip(), endpoint, &parts.headers)?;
+        let scope = access::Scope::of(parts.uri.path());
+        self.access.check_head(client.ip(), scope, &parts.headers)?;
         self.access.remove_secret(&mut parts.headers);
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Method {
@@ -121,6 +120,7 @@ impl Proxy {
                 limit: self.body_limit,
             });
         }
+        let endpoint = powerjob::openapi_endpoint(parts.uri.path());
         if endpoint == Some(powerjob::AUTH_APP) {
             self.guard.note_auth(client.ip());
         }
@@ -137,9 +137,9 @@ impl Proxy {
             other => other,
         };
         // Guarded routes, and any OpenAPI request while `allow_apps` is on, are read whole first.
-        let body = if route.is_some() || self.access.reads_body(endpoint) {
+        let body = if route.is_some() || self.access.reads_body(scope) {
             let bytes = self.read_body(body).await?;
-            self.access.check_apps(endpoint, &parts, &bytes)?;
+            self.access.check_apps(scope, &parts, &bytes)?;
             if let Some(route) = route {
                 let answer = self.guard.handle(route, parts, bytes, client, repair).await;
                 return answer.map(|response| response.map(Either::Right));

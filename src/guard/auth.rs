@@ -153,8 +153,20 @@ fn verification_request(
 ) -> Result<Request<crate::proxy::upstream::ForwardBody>, http::Error> {
     let path = parts.uri.path();
     // The prefix the client addresses the server with (`host:port/prefix`); it holds no `/openApi/`, so the
-    // endpoint asked is always the last segment.
+    // endpoint asked is always the last segment. Only plain segments are kept: no `..`, `%XX` or `;params`
+    // that could make the server read the check as another path.
     let prefix = path.find("/openApi/").map_or("", |at| &path[..at]);
+    let plain = |segment: &str| {
+        !matches!(segment, "." | "..")
+            && segment
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    let prefix = if prefix.split('/').skip(1).all(plain) {
+        prefix
+    } else {
+        ""
+    };
     let uri = format!("{prefix}{}/{VERIFY_ENDPOINT}", powerjob::WEB_PATH);
     let mut form = form_urlencoded::Serializer::new(String::new());
     if let Some(id) = instance_id(&stored.body) {
@@ -241,6 +253,20 @@ mod tests {
             head: Bytes::new(),
             body: Bytes::from_static(br#"{"success":true,"data":754612332134400064}"#),
         };
+        for (odd, asked) in [
+            ("/mock/../openApi/runJob", "/openApi/fetchInstanceStatus"),
+            ("/a;b/openApi/runJob", "/openApi/fetchInstanceStatus"),
+            ("/p%2e/openApi/runJob", "/openApi/fetchInstanceStatus"),
+            (
+                "/p-1/v2/openApi/runJob",
+                "/p-1/v2/openApi/fetchInstanceStatus",
+            ),
+        ] {
+            let mut odd_parts = parts.clone();
+            odd_parts.uri = odd.parse().unwrap();
+            let request = verification_request(&odd_parts, &stored).unwrap();
+            assert_eq!(request.uri(), asked, "{odd}");
+        }
         let request = verification_request(&parts, &stored).unwrap();
         assert_eq!(request.uri(), "/pj/openApi/fetchInstanceStatus");
         assert_eq!(request.headers()[ACCESS_TOKEN], "t2");

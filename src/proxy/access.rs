@@ -16,7 +16,11 @@
 //!    endpoints `/assert` and `/authApp` name the app by name and password, not by id: only rules 1 and 2 apply
 //!    to them. `RUNONCE_APP_NOT_ALLOWED`.
 //!
-//! Paths outside `/openApi/**` (worker endpoints, the console) are subject to rule 1 only.
+//! Paths outside `/openApi/**` (worker endpoints, the console) are subject to rule 1 only. Which paths are
+//! inside is decided as the server would see them ([`Scope::of`]): `%XX` decoded, `;params` cut, empty and
+//! `.`/`..` segments resolved; any path with an `openApi` segment is inside. So `/%6FpenApi/runJob` or
+//! `/openApi;x/runJob` cannot slip past the rules, at the price of also checking odd paths the server would
+//! refuse anyway.
 //!
 //! Security caveats: the secret is never logged, echoed or forwarded, but without `tls_cert` it crosses the
 //! network in clear text. An app id in a request is whatever the caller writes; `allow_apps` limits which apps
@@ -36,6 +40,42 @@ use crate::powerjob;
 
 /// Longest part of a rejected value shown in an answer or a log line.
 const SHOWN: usize = 40;
+
+/// Where a request path falls, as far as the rules go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// No `openApi` segment: rule 1 only.
+    Outside,
+    /// `…/openApi/assert` or `…/openApi/authApp`: rules 1 and 2.
+    Login,
+    /// Any other path with an `openApi` segment: every rule.
+    OpenApi,
+}
+
+impl Scope {
+    /// The scope of `path` (the request target's path, as sent).
+    pub fn of(path: &str) -> Scope {
+        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+        let mut segments: Vec<&str> = Vec::new();
+        // A backslash separates too: over-inclusive is the safe side.
+        for segment in decoded.split(['/', '\\']) {
+            match segment.split(';').next().unwrap_or("") {
+                "" | "." => {}
+                ".." => {
+                    segments.pop();
+                }
+                segment => segments.push(segment),
+            }
+        }
+        if !segments.contains(&"openApi") {
+            return Scope::Outside;
+        }
+        match segments.as_slice() {
+            [.., "openApi", "assert" | powerjob::AUTH_APP] => Scope::Login,
+            _ => Scope::OpenApi,
+        }
+    }
+}
 
 /// The configured rules.
 pub struct Access {
@@ -66,11 +106,11 @@ impl Access {
         }
     }
 
-    /// Rules 1 and 2, on the request head; `endpoint` is the OpenAPI endpoint, if the path is one.
+    /// Rules 1 and 2, on the request head.
     pub fn check_head(
         &self,
         client: IpAddr,
-        endpoint: Option<&str>,
+        scope: Scope,
         headers: &HeaderMap,
     ) -> Result<(), ProxyError> {
         let client = client.to_canonical();
@@ -80,7 +120,7 @@ impl Access {
                 format!("the client address {client} is not in allow_networks"),
             ));
         }
-        if let (Some(secret), Some(_)) = (&self.secret, endpoint) {
+        if let (Some(secret), Scope::Login | Scope::OpenApi) = (&self.secret, scope) {
             let mut values = headers.get_all(&secret.header).iter();
             let matches = match (values.next(), values.next()) {
                 (Some(value), None) => {
@@ -110,18 +150,18 @@ impl Access {
     }
 
     /// Whether rule 3 needs this request's body whole (then call [`Access::check_apps`] with it).
-    pub fn reads_body(&self, endpoint: Option<&str>) -> bool {
-        !self.apps.is_empty() && endpoint.is_some_and(|e| !is_login(e))
+    pub fn reads_body(&self, scope: Scope) -> bool {
+        !self.apps.is_empty() && scope == Scope::OpenApi
     }
 
     /// Rule 3 (a no-op unless [`Access::reads_body`] said yes).
     pub fn check_apps(
         &self,
-        endpoint: Option<&str>,
+        scope: Scope,
         parts: &request::Parts,
         body: &[u8],
     ) -> Result<(), ProxyError> {
-        if !self.reads_body(endpoint) {
+        if !self.reads_body(scope) {
             return Ok(());
         }
         let named = named_apps(parts, body);
@@ -156,11 +196,6 @@ impl Access {
 
 fn forbidden(code: &'static str, reason: String) -> ProxyError {
     ProxyError::Forbidden { code, reason }
-}
-
-/// The endpoints that log in by app name and password.
-fn is_login(endpoint: &str) -> bool {
-    matches!(endpoint, "assert" | powerjob::AUTH_APP)
 }
 
 /// A strictly decimal app id.
@@ -257,7 +292,8 @@ mod tests {
             ]
         });
         let headers = HeaderMap::new();
-        let check = |ip: &str| code(access.check_head(ip.parse().unwrap(), None, &headers));
+        let check =
+            |ip: &str| code(access.check_head(ip.parse().unwrap(), Scope::Outside, &headers));
         assert_eq!(check("10.1.2.3"), "ok");
         assert_eq!(check("::ffff:10.1.2.3"), "ok", "IPv4-mapped");
         assert_eq!(check("::1"), "ok");
@@ -271,14 +307,14 @@ mod tests {
             s.shared_secret_header = "X-Runonce-Secret".into();
             s.shared_secret = Secret("0123456789abcdef-secret".into());
         });
-        let check = |values: &[&str], endpoint: Option<&str>| {
+        let check = |values: &[&str], scope: Scope| {
             let mut headers = HeaderMap::new();
             for v in values {
                 headers.append("x-runonce-secret", v.parse().unwrap());
             }
-            code(access.check_head("127.0.0.1".parse().unwrap(), endpoint, &headers))
+            code(access.check_head("127.0.0.1".parse().unwrap(), scope, &headers))
         };
-        let run = Some("runJob");
+        let run = Scope::OpenApi;
         assert_eq!(check(&["0123456789abcdef-secret"], run), "ok");
         assert_eq!(check(&[], run), "RUNONCE_SECRET_REQUIRED");
         assert_eq!(
@@ -293,7 +329,8 @@ mod tests {
             check(&["0123456789abcdef-secret", "0123456789abcdef-secret"], run),
             "RUNONCE_SECRET_REQUIRED"
         );
-        assert_eq!(check(&[], None), "ok", "outside /openApi/**");
+        assert_eq!(check(&[], Scope::Login), "RUNONCE_SECRET_REQUIRED");
+        assert_eq!(check(&[], Scope::Outside), "ok", "outside /openApi/**");
         let mut headers = HeaderMap::new();
         headers.insert("x-runonce-secret", "x".parse().unwrap());
         access.remove_secret(&mut headers);
@@ -304,8 +341,8 @@ mod tests {
     fn every_app_the_request_names_must_be_allowed() {
         let access = access(|s| s.allow_apps = vec![AppId(1), AppId(7)]);
         let check = |uri: &str, headers: &[(&str, &str)], body: &str| {
-            let endpoint = powerjob::openapi_endpoint(uri.split('?').next().unwrap());
-            code(access.check_apps(endpoint, &parts(uri, headers), body.as_bytes()))
+            let scope = Scope::of(uri.split('?').next().unwrap());
+            code(access.check_apps(scope, &parts(uri, headers), body.as_bytes()))
         };
         let no = "RUNONCE_APP_NOT_ALLOWED";
         assert_eq!(check("/openApi/runJob", &[FORM], "jobId=5&appId=1"), "ok");
@@ -361,8 +398,41 @@ mod tests {
         );
         assert_eq!(check("/openApi/assert", &[FORM], "appName=a"), "ok");
         assert_eq!(check("/server/hello", &[], ""), "ok");
-        assert!(!access.reads_body(Some("authApp")));
-        assert!(access.reads_body(Some("fetchJob")));
+        assert!(!access.reads_body(Scope::Login));
+        assert!(access.reads_body(Scope::OpenApi));
+    }
+
+    #[test]
+    fn the_scope_is_the_path_as_the_server_reads_it() {
+        for path in [
+            "/openApi/runJob",
+            "/pj/openApi/runJob",
+            "/%6FpenApi/runJob",
+            "/openApi;x=1/runJob",
+            "//openApi//runJob/",
+            "/x/../openApi/runJob",
+            "/openApi/authApp/../runJob",
+            "/openApi/authApp/x",
+            "\\openApi\\runJob",
+        ] {
+            assert_eq!(Scope::of(path), Scope::OpenApi, "{path}");
+        }
+        for path in [
+            "/openApi/authApp",
+            "/openApi/assert/",
+            "/pj/openApi/%61uthApp;x",
+        ] {
+            assert_eq!(Scope::of(path), Scope::Login, "{path}");
+        }
+        for path in [
+            "/",
+            "/server/hello",
+            "/openapi/runJob",
+            "/openApiX/runJob",
+            "/openApi%2",
+        ] {
+            assert_eq!(Scope::of(path), Scope::Outside, "{path}");
+        }
     }
 
     #[test]
@@ -371,14 +441,14 @@ mod tests {
         assert_eq!(
             code(access.check_head(
                 "192.0.2.1".parse().unwrap(),
-                Some("runJob"),
+                Scope::OpenApi,
                 &HeaderMap::new()
             )),
             "ok"
         );
-        assert!(!access.reads_body(Some("runJob")));
+        assert!(!access.reads_body(Scope::OpenApi));
         assert_eq!(
-            code(access.check_apps(Some("runJob"), &parts("/openApi/runJob", &[]), b"")),
+            code(access.check_apps(Scope::OpenApi, &parts("/openApi/runJob", &[]), b"")),
             "ok"
         );
     }

@@ -9,7 +9,8 @@
 //! - [`answer`]: the body of answers runonce holds whole, which reports when it was delivered.
 //!
 //! Bodies stream both ways on every route but the guarded ones (`runJob`, …), which [`crate::guard`] reads
-//! whole, keys and de-duplicates; everything else passes untouched.
+//! whole, keys and de-duplicates, and, while `allow_apps` is set, other `/openApi/**` requests, read whole to
+//! find their app ids; everything else passes untouched.
 
 pub mod access;
 pub mod answer;

@@ -245,3 +245,39 @@ async fn replicas_on_redis_check_the_token_of_a_duplicate_led_elsewhere() {
     assert!(!forged.text().contains(&id.to_string()));
     assert_eq!(stats(&mock).await, (1, 1, 2));
 }
+
+#[tokio::test]
+async fn the_check_is_bounded_by_the_upstream_timeout() {
+    // The server answers runJob at once but sits on the read-only check past `upstream_timeout`.
+    let upstream = RawUpstream::start(|request| {
+        let answer = ok_answer("X-POWERJOB-AUTH-PASSED: true\r\n");
+        if String::from_utf8_lossy(request).contains("fetchInstanceStatus") {
+            Script::Slow(Duration::from_secs(4), answer)
+        } else {
+            Script::Answer(answer)
+        }
+    })
+    .await;
+    let proxy = proxy(
+        &[upstream.url()],
+        &["--after-delivery", "replay", "--upstream-timeout", "1s"],
+    );
+    let p = proxy.addr("proxy");
+    assert_eq!(run_job(p, &credentials("t1")).await.status, 200);
+    let second = run_job(p, &credentials("t2")).await;
+    assert_eq!(second.status, 502, "{}", second.text());
+    assert_eq!(second.json().unwrap()["code"], "RUNONCE_AUTH_UNVERIFIED");
+    assert!(
+        second
+            .header_lines()
+            .iter()
+            .any(|line| line.eq_ignore_ascii_case("retry-after: 1")),
+        "{}",
+        second.head
+    );
+    assert_eq!(
+        upstream.count(),
+        2,
+        "the check was asked once and not re-sent"
+    );
+}

@@ -246,38 +246,51 @@ async fn replicas_on_redis_check_the_token_of_a_duplicate_led_elsewhere() {
     assert_eq!(stats(&mock).await, (1, 1, 2));
 }
 
-#[tokio::test]
-async fn the_check_is_bounded_by_the_upstream_timeout() {
-    // The server answers runJob at once but sits on the read-only check past `upstream_timeout`.
-    let upstream = RawUpstream::start(|request| {
+/// A server that answers runJob at once (auth passed) and the read-only check only after `check_delay`.
+async fn slow_check(check_delay: Duration, flags: &[&str]) -> (RawResponse, usize) {
+    let upstream = RawUpstream::start(move |request| {
         let answer = ok_answer("X-POWERJOB-AUTH-PASSED: true\r\n");
         if String::from_utf8_lossy(request).contains("fetchInstanceStatus") {
-            Script::Slow(Duration::from_secs(4), answer)
+            Script::Slow(check_delay, answer)
         } else {
             Script::Answer(answer)
         }
     })
     .await;
-    let proxy = proxy(
-        &[upstream.url()],
-        &["--after-delivery", "replay", "--upstream-timeout", "1s"],
-    );
+    let mut args = vec!["--after-delivery", "replay"];
+    args.extend_from_slice(flags);
+    let proxy = proxy(&[upstream.url()], &args);
     let p = proxy.addr("proxy");
     assert_eq!(run_job(p, &credentials("t1")).await.status, 200);
     let second = run_job(p, &credentials("t2")).await;
-    assert_eq!(second.status, 502, "{}", second.text());
-    assert_eq!(second.json().unwrap()["code"], "RUNONCE_AUTH_UNVERIFIED");
+    (second, upstream.count())
+}
+
+fn assert_unverified(answer: &RawResponse) {
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(answer.json().unwrap()["code"], "RUNONCE_AUTH_UNVERIFIED");
     assert!(
-        second
+        answer
             .header_lines()
             .iter()
             .any(|line| line.eq_ignore_ascii_case("retry-after: 1")),
         "{}",
-        second.head
+        answer.head
     );
-    assert_eq!(
-        upstream.count(),
-        2,
-        "the check was asked once and not re-sent"
-    );
+}
+
+#[tokio::test]
+async fn the_check_is_bounded_by_the_upstream_timeout() {
+    let (answer, asked) = slow_check(Duration::from_secs(4), &["--upstream-timeout", "1s"]).await;
+    assert_unverified(&answer);
+    assert_eq!(asked, 2, "the check was asked once and not re-sent");
+}
+
+#[tokio::test]
+async fn the_check_is_bounded_by_five_seconds_whatever_the_upstream_timeout() {
+    // Past 5 s the server's late "true" comes too late: no replay.
+    let (answer, asked) = slow_check(Duration::from_secs(8), &[]).await;
+    assert_unverified(&answer);
+    assert!(answer.text().contains("5000 ms"), "{}", answer.text());
+    assert_eq!(asked, 2);
 }

@@ -117,7 +117,7 @@ impl Access {
         if !self.networks.is_empty() && !self.networks.iter().any(|net| net.contains(&client)) {
             return Err(forbidden(
                 "RUNONCE_NETWORK_NOT_ALLOWED",
-                format!("the client address {client} is not in allow_networks"),
+                "the client address is not in allow_networks".into(),
             ));
         }
         if let (Some(secret), Scope::Login | Scope::OpenApi) = (&self.secret, scope) {

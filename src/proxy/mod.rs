@@ -105,7 +105,17 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         // Refused callers learn nothing else about the request.
         let scope = access::Scope::of(parts.uri.path());
-        self.access.check_head(client.ip(), scope, &parts.headers)?;
+        // The refusal's one log line (the rescue's) names who was refused.
+        let refused = |err: ProxyError| match err {
+            ProxyError::Forbidden { code, reason } => ProxyError::Forbidden {
+                code,
+                reason: format!("{reason} (client {})", client.ip()),
+            },
+            other => other,
+        };
+        self.access
+            .check_head(client.ip(), scope, &parts.headers)
+            .map_err(refused)?;
         self.access.remove_secret(&mut parts.headers);
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Method {
@@ -140,7 +150,9 @@ impl Proxy {
         // Guarded routes, and any OpenAPI request while `allow_apps` is on, are read whole first.
         let body = if route.is_some() || self.access.reads_body(scope) {
             let bytes = self.read_body(body).await?;
-            self.access.check_apps(scope, &parts, &bytes)?;
+            self.access
+                .check_apps(scope, &parts, &bytes)
+                .map_err(refused)?;
             if let Some(route) = route {
                 let answer = self.guard.handle(route, parts, bytes, client, repair).await;
                 return answer.map(|response| response.map(Either::Right));

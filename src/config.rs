@@ -29,7 +29,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, value: impl fmt::Display, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(
+        key: impl Into<String>,
+        value: impl fmt::Display,
+        reason: impl Into<String>,
+    ) -> Self {
         Self {
             key: key.into(),
             value: value.to_string(),
@@ -161,6 +165,20 @@ settings! {
     /// On SIGTERM/SIGINT: /readyz turns 503 and no new connection is taken; in-flight requests (leaders' upstream
     /// calls included) get this long to finish. A leader still waiting then is cut off: its key turns unknown.
     drain_timeout: Dur = Dur::secs(30), flag "drain-timeout";
+    // ---- Security: access control and TLS toward clients (see README "Security") ----
+    /// Source networks allowed on the proxy listener (CIDRs or addresses); empty: any. Every request.
+    allow_networks: Vec<Network> = Vec::new(), flag "allow-network";
+    /// App ids allowed on /openApi/** (the X-POWERJOB-APP-ID header and every appId the request names); empty:
+    /// any.
+    allow_apps: Vec<AppId> = Vec::new(), flag "allow-app";
+    /// A header every /openApi/** request must carry with `shared_secret` as its value; empty: off.
+    shared_secret_header: String = String::new(), flag "shared-secret-header";
+    /// The shared secret (at least 16 characters); never logged or printed.
+    shared_secret: Secret = Secret::default(), flag "shared-secret";
+    /// TLS toward clients: the certificate chain (PEM file); with `tls_key`. Empty: plain HTTP.
+    tls_cert: String = String::new(), flag "tls-cert";
+    /// TLS toward clients: the certificate's private key (PEM file).
+    tls_key: String = String::new(), flag "tls-key";
     ; file only:
     /// Per-route overrides, `[routes.runJob]` etc.: `enabled`, `window`, `fields`, `after_delivery`,
     /// `on_store_error`. Routes not named keep their defaults; see `config/runonce.toml`.
@@ -168,7 +186,7 @@ settings! {
 }
 
 /// Keys whose value is a list: several flags, or a comma-separated variable.
-const LIST_KEYS: &[&str] = &["upstreams"];
+const LIST_KEYS: &[&str] = &["upstreams", "allow_networks", "allow_apps"];
 
 /// Every key at its default (no upstream: not valid for `serve` as it is; a base for tests and the demo).
 impl Default for Settings {
@@ -324,7 +342,53 @@ impl Settings {
                 "must be at most 1000",
             ));
         }
-        Ok(())
+        self.validate_security()
+    }
+
+    /// The access-control and TLS keys. The TLS files are read and checked here, so `check-config` and a
+    /// refused start name the key of a file that will not do.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let (header, secret) = (self.shared_secret_header.trim(), &self.shared_secret.0);
+        match (header.is_empty(), secret.is_empty()) {
+            (true, true) => {}
+            (false, true) => {
+                return Err(ConfigError::new(
+                    "shared_secret",
+                    "",
+                    "shared_secret_header is set, so shared_secret is required",
+                ))
+            }
+            (true, false) => {
+                return Err(ConfigError::new(
+                    "shared_secret_header",
+                    "",
+                    "shared_secret is set, so the header that carries it is required",
+                ))
+            }
+            (false, false) => {
+                let reserved = header.to_ascii_lowercase().starts_with("x-powerjob-")
+                    || RESERVED_HEADERS.contains(&header.to_ascii_lowercase().as_str());
+                if http::HeaderName::from_bytes(header.as_bytes()).is_err() || reserved {
+                    return Err(ConfigError::new(
+                        "shared_secret_header",
+                        header,
+                        "must be a header name of its own, such as X-Runonce-Secret",
+                    ));
+                }
+                // The value is never shown, only why it will not do.
+                if secret.chars().count() < 16
+                    || http::HeaderValue::from_str(secret).is_err()
+                    || secret.trim() != secret
+                {
+                    return Err(ConfigError::new(
+                        "shared_secret",
+                        Secret::REDACTED,
+                        "must be at least 16 visible ASCII characters, without leading or trailing spaces",
+                    ));
+                }
+            }
+        }
+        crate::tls::server_config(self).map(|_| ())
     }
 
     /// The settings as TOML, for `runonce check-config`.
@@ -385,6 +449,120 @@ fn from_entries(
         layer = one.over(layer);
     }
     Ok(layer)
+}
+
+/// Header names `shared_secret_header` must not take: the protocol's own.
+const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "connection",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+    "authorization",
+    "idempotency-key",
+];
+
+/// A source network in `allow_networks`: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network(pub ipnet::IpNet);
+
+impl std::str::FromStr for Network {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(net) = s.parse::<ipnet::IpNet>() {
+            // `10.1.2.3/8` means 10.0.0.0/8; say it as such when printed.
+            return Ok(Network(net.trunc()));
+        }
+        s.parse::<std::net::IpAddr>()
+            .map(|ip| Network(ip.into()))
+            .map_err(|_| {
+                format!("{s:?} is not a network: write a CIDR such as 10.0.0.0/8 or an address")
+            })
+    }
+}
+
+impl fmt::Display for Network {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for Network {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// A PowerJob app id in `allow_apps`: a decimal number (PowerJob's ids are `Long`s).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct AppId(pub u64);
+
+impl<'de> Deserialize<'de> for AppId {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match NumOrText::deserialize(d)? {
+            NumOrText::Num(n) => Ok(AppId(n)),
+            NumOrText::Text(text) => {
+                let text = text.trim();
+                text.bytes()
+                    .all(|b| b.is_ascii_digit())
+                    .then(|| text.parse().ok())
+                    .flatten()
+                    .map(AppId)
+                    .ok_or_else(|| {
+                        serde::de::Error::custom(format!(
+                            "{text:?} is not an app id (a decimal number)"
+                        ))
+                    })
+            }
+        }
+    }
+}
+
+/// A secret setting (the admin token, the shared secret): shown as `(redacted)` wherever settings are printed
+/// or logged, so it cannot reach a log line or `check-config` output by accident.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub const REDACTED: &'static str = "(redacted)";
+
+    pub fn is_set(&self) -> bool {
+        !self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            ""
+        } else {
+            Self::REDACTED
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() {
+            ""
+        } else {
+            Self::REDACTED
+        })
+    }
 }
 
 /// An upstream PowerJob server: `http://host:port` with an optional path prefix.
@@ -567,27 +745,6 @@ pub enum AuthHeader {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// A secret setting (the admin token): never shown by `Debug`, so it cannot reach a log line by accident.
-#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(transparent)]
-pub struct Secret(pub String);
-
-impl Secret {
-    pub fn is_set(&self) -> bool {
-        !self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.is_set() {
-            "\"<redacted>\""
-        } else {
-            "\"\""
-        })
-    }
 }
 
 /// A duration written as `500ms`, `10s`, `2m` (or a whole number of seconds).
@@ -848,7 +1005,7 @@ mod tests {
         );
         assert_eq!(url("redis://h:6379/0"), "redis://h:6379/0");
         assert_eq!(url("memory"), "memory");
-        assert_eq!(format!("{:?}", Secret("t0k".into())), "\"<redacted>\"");
+        assert_eq!(format!("{:?}", Secret("t0k".into())), Secret::REDACTED);
     }
 
     #[test]
@@ -865,5 +1022,52 @@ mod tests {
         let e = load(&["--window", "400days"]).unwrap_err();
         assert_eq!(e.key, "window");
         assert!(load(&["--idempotency-key-window", "30days"]).is_ok());
+    }
+
+    #[test]
+    fn security_keys_are_checked_and_name_the_key() {
+        let load = |args: &[&str], vars: &[(&str, &str)]| {
+            let mut all = vec!["--upstream", "http://a:1"];
+            all.extend_from_slice(args);
+            Settings::load(None, env(vars), &flags(&all))
+        };
+        let s = load(
+            &["--allow-network", "10.9.8.7/8", "--allow-network", "::1"],
+            &[("RUNONCE_ALLOW_APPS", "1, 007")],
+        )
+        .unwrap();
+        assert_eq!(s.allow_networks[0].to_string(), "10.0.0.0/8");
+        assert_eq!(s.allow_networks[1].to_string(), "::1/128");
+        assert_eq!(s.allow_apps, vec![AppId(1), AppId(7)]);
+        assert_eq!(
+            load(&["--allow-network", "10.0.0.0/33"], &[])
+                .unwrap_err()
+                .key,
+            "--allow-network"
+        );
+        assert_eq!(
+            load(&["--allow-app", "0x2"], &[]).unwrap_err().key,
+            "--allow-app"
+        );
+
+        let secret = ("RUNONCE_SHARED_SECRET", "0123456789abcdef");
+        assert!(load(&["--shared-secret-header", "X-Runonce-Secret"], &[secret]).is_ok());
+        let e = load(&["--shared-secret-header", "X-Runonce-Secret"], &[]).unwrap_err();
+        assert_eq!(e.key, "shared_secret");
+        let e = load(&[], &[secret]).unwrap_err();
+        assert_eq!(e.key, "shared_secret_header");
+        for header in ["X-POWERJOB-ACCESS-TOKEN", "Host", "bad header"] {
+            let e = load(&["--shared-secret-header", header], &[secret]).unwrap_err();
+            assert_eq!(e.key, "shared_secret_header", "{header}");
+        }
+        let short = ("RUNONCE_SHARED_SECRET", "0123456789abcde");
+        let e = load(&["--shared-secret-header", "X-S"], &[short]).unwrap_err();
+        assert_eq!(e.key, "shared_secret");
+        assert!(!e.to_string().contains("0123456789abcde"), "{e}");
+        assert!(!format!(
+            "{:?}",
+            load(&["--shared-secret-header", "X-S"], &[secret]).unwrap()
+        )
+        .contains("0123456789abcdef"));
     }
 }

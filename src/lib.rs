@@ -4,8 +4,9 @@
 //! # Layout
 //! The modules, in the order a request meets them:
 //! - [`config`]: settings from file < `RUNONCE_*` env < flags, validated once before anything binds.
-//! - [`server`]: listeners, connection cap, header limits and read timeout, graceful shutdown.
-//! - [`proxy`]: the request's way: classify, forward as a stream ([`proxy::upstream`] pool and failover,
+//! - [`server`]: listeners, connection cap, header limits and read timeout, graceful shutdown; [`tls`] toward
+//!   clients when configured.
+//! - [`proxy`]: the request's way: access control ([`proxy::access`]), classify, forward as a stream ([`proxy::upstream`] pool and failover,
 //!   [`proxy::tap`] auth-header repair on the upstream bytes, [`proxy::headers`] rules), and the one
 //!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
 //! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome.
@@ -32,3 +33,4 @@ pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

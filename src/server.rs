@@ -138,6 +138,8 @@ async fn serve_proxy(
         // hyper keeps 100 header slots on the stack; another number costs a heap allocation per request.
         http.max_headers(settings.max_headers.0 * 2);
     }
+    let tls = crate::tls::server_config(settings)
+        .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))?;
     let permits = Arc::new(Semaphore::new(settings.max_connections.0));
     let graceful = GracefulShutdown::new();
     loop {
@@ -163,7 +165,9 @@ async fn serve_proxy(
             let proxy = Arc::clone(&proxy);
             async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
+        let io = crate::tls::ClientIo::new(stream, peer, tls.as_ref());
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
             if let Err(err) = connection.await {
                 log_connection_error(&err, peer);

@@ -23,6 +23,9 @@ const OP_TIMEOUT: Duration = Duration::from_millis(500);
 /// A waiter woken by a change must see it within this (its poll interval is 5 s).
 const WAKE: Duration = Duration::from_millis(1_500);
 
+/// The digest of a leader's access token, as the engine stores it.
+const CREDENTIAL: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
 // ---- helpers ----------------------------------------------------------------------------------------------
 
 /// A fresh random key.
@@ -34,6 +37,7 @@ fn info(lease_ms: u64, window_ms: u64) -> ClaimInfo {
     ClaimInfo {
         fingerprint: "fp-1".into(),
         fields: r#"{"jobId":"d1","instanceParams":"e3b0"}"#.into(),
+        credential: CREDENTIAL.into(),
         lease: Duration::from_millis(lease_ms),
         window: Duration::from_millis(window_ms),
     }
@@ -126,6 +130,7 @@ async fn claim_then_existing(store: &AnyStore) {
     assert_eq!(found.owner, token);
     assert_eq!(found.fingerprint, "fp-1");
     assert_eq!(found.fields, r#"{"jobId":"d1","instanceParams":"e3b0"}"#);
+    assert_eq!(found.credential, CREDENTIAL, "the leader's token digest");
     assert!(
         (150..5_000).contains(&found.age_ms),
         "age {} ms",
@@ -300,14 +305,21 @@ async fn delivered_then_takeover(store: &AnyStore) {
     );
     let mut again = info.clone();
     again.fingerprint = "fp-2".into();
+    again.credential = String::new();
     let Claim::Leader(second) = store.takeover(&key, &first, &again).await.unwrap() else {
         panic!("the takeover was refused")
     };
     assert_ne!(first, second);
     let now = record(store, &key).await;
     assert_eq!(
-        (now.state, now.owner.as_str(), now.fingerprint.as_str()),
-        (State::InFlight, second.as_str(), "fp-2")
+        (
+            now.state,
+            now.owner.as_str(),
+            now.fingerprint.as_str(),
+            now.credential.as_str()
+        ),
+        (State::InFlight, second.as_str(), "fp-2", ""),
+        "the new leader's record carries its own (here: no) token digest"
     );
     // The old owner's token takes over nothing now.
     let Claim::Existing(now) = store.takeover(&key, &first, &info).await.unwrap() else {
@@ -772,6 +784,7 @@ async fn redis_record_layout_ttls_and_the_clock() {
     assert_eq!(field("state"), "inflight");
     assert_eq!(field("owner"), token);
     assert_eq!(field("fp"), "fp-1");
+    assert_eq!(field("cred"), CREDENTIAL);
     assert_eq!(field("delivered"), "0");
     let created: u64 = field("created").parse().unwrap();
     let lease_until: u64 = field("lease_until").parse().unwrap();

@@ -11,9 +11,13 @@
 //!   or `after_delivery = "replay"`. Otherwise (a client received it) the duplicate is a new call: it takes the
 //!   key over and leads.
 //!
+//! A waiter or hit whose access token differs from the leader's gets the stored answer only after the server
+//! accepted its token ([`auth`]).
+//!
 //! An `unknown` key (the server may have acted, no answer is known) is never re-run: 409 with `Retry-After`.
 //! When the store fails, the route's policy answers: `fail-closed` (503) or `fail-open` (an in-process store).
 
+pub mod auth;
 pub mod key;
 pub mod outcome;
 pub mod routes;
@@ -325,6 +329,7 @@ impl Guard {
             info: ClaimInfo {
                 fingerprint: fingerprint.to_string(),
                 fields: key::field_digests(&payload),
+                credential: auth::credential(&parts.headers),
                 lease: self.lease,
                 window,
             },
@@ -380,6 +385,13 @@ impl Guard {
                         || call.route.after_delivery == AfterDelivery::Replay
                         || self.resent_after_auth(call.client.ip(), record.age_ms);
                     if retry {
+                        if let Some(refusal) = self
+                            .check_token(call, &record.credential, &response)
+                            .await
+                            .map_err(Failure::Refused)?
+                        {
+                            return Ok(refusal);
+                        }
                         let mark =
                             (!delivered).then(|| (store.clone(), call.key.clone(), record.owner));
                         return Ok(replay(response, mark).await);
@@ -420,6 +432,31 @@ impl Guard {
                     }
                 }
             }
+        }
+    }
+
+    /// `Some(the server's refusal)` when this duplicate's token is not the leader's and the server does not
+    /// accept it; `None` when the stored answer may be replayed to it ([`auth`]).
+    async fn check_token(
+        &self,
+        call: &Call,
+        leader: &str,
+        stored: &Stored,
+    ) -> Result<Option<Response<Answer>>, ProxyError> {
+        if call.info.credential == leader {
+            return Ok(None);
+        }
+        let (route, key) = (&call.route.name, call.key.prefix());
+        match auth::verify(&self.upstreams, &call.parts, stored).await {
+            Ok(auth::Verdict::Accepted) => {
+                tracing::debug!(%route, key, "another token, accepted by the server: replaying");
+                Ok(None)
+            }
+            Ok(auth::Verdict::Refused(answer)) => {
+                tracing::info!(%route, key, status = answer.status().as_u16(), client = %call.client, "another token, not accepted by the server: its answer, not the stored one");
+                Ok(Some(answer))
+            }
+            Err(err) => Err(err),
         }
     }
 

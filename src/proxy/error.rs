@@ -49,6 +49,14 @@ pub enum ProxyError {
     /// The store could not be used and the route is `fail-closed`: nothing was forwarded.
     #[error("the idempotency store is unavailable, so the request was not forwarded ({cause})")]
     StoreUnavailable { cause: String },
+    /// A duplicate's token differs from the leader's and the server gave no verdict on it (see
+    /// `guard::auth`): the stored answer is not replayed, and nothing was created.
+    #[error("the stored answer is not replayed: the server could not confirm this request's token ({cause})")]
+    AuthUnverified { cause: String },
+    /// Refused by runonce's own access control (`allow_networks`, `allow_apps`, `shared_secret`): nothing was
+    /// forwarded. `reason` never holds a secret.
+    #[error("access denied: {reason}")]
+    Forbidden { code: &'static str, reason: String },
 }
 
 impl ProxyError {
@@ -66,6 +74,8 @@ impl ProxyError {
                 StatusCode::CONFLICT
             }
             ProxyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::AuthUnverified { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -84,6 +94,8 @@ impl ProxyError {
             ProxyError::OutcomeUnknown { .. } => "RUNONCE_OUTCOME_UNKNOWN",
             ProxyError::StillRunning { .. } => "RUNONCE_IN_FLIGHT",
             ProxyError::StoreUnavailable { .. } => "RUNONCE_STORE_UNAVAILABLE",
+            ProxyError::AuthUnverified { .. } => "RUNONCE_AUTH_UNVERIFIED",
+            ProxyError::Forbidden { code, .. } => code,
         }
     }
 
@@ -91,9 +103,9 @@ impl ProxyError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             ProxyError::OutcomeUnknown { retry_after } => Some(*retry_after),
-            ProxyError::StillRunning { .. } | ProxyError::StoreUnavailable { .. } => {
-                Some(Duration::from_secs(1))
-            }
+            ProxyError::StillRunning { .. }
+            | ProxyError::StoreUnavailable { .. }
+            | ProxyError::AuthUnverified { .. } => Some(Duration::from_secs(1)),
             _ => None,
         }
     }

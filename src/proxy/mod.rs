@@ -1,5 +1,6 @@
 //! A request's way through runonce: limits, header rules, forwarding as a stream, and the rescue.
 //!
+//! - [`access`]: runonce's own access control (networks, shared secret, app ids), off unless configured.
 //! - [`upstream`]: the servers, their connection pools, failover that never re-sends.
 //! - [`tap`]: the auth-header repair, on the upstream connection's bytes.
 //! - [`headers`]: hop-by-hop removal, `X-Forwarded-*`, exact-case heads for answers runonce writes itself.
@@ -8,8 +9,10 @@
 //! - [`answer`]: the body of answers runonce holds whole, which reports when it was delivered.
 //!
 //! Bodies stream both ways on every route but the guarded ones (`runJob`, …), which [`crate::guard`] reads
-//! whole, keys and de-duplicates; everything else passes untouched.
+//! whole, keys and de-duplicates, and, while `allow_apps` is set, other `/openApi/**` requests, read whole to
+//! find their app ids; everything else passes untouched.
 
+pub mod access;
 pub mod answer;
 pub mod error;
 pub mod headers;
@@ -19,14 +22,16 @@ pub mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, Method, Request, Response, Version};
-use http_body_util::{BodyExt, Either, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::{AuthHeader, Settings};
 use crate::guard::Guard;
 use crate::powerjob;
 use crate::store::AnyStore;
+use access::Access;
 use answer::Answer;
 use error::{rescue, ProxyError};
 use upstream::Upstreams;
@@ -39,6 +44,9 @@ pub type ResponseBody = Either<Incoming, Answer>;
 pub struct Proxy {
     upstreams: Arc<Upstreams>,
     guard: Arc<Guard>,
+    access: Access,
+    /// `X-Forwarded-Proto`: `https` when the listener speaks TLS.
+    scheme: &'static str,
     auth_header: AuthHeader,
     body_limit: u64,
     max_header_bytes: usize,
@@ -51,6 +59,12 @@ impl Proxy {
         Proxy {
             guard: Arc::new(Guard::new(settings, store, Arc::clone(&upstreams))),
             upstreams,
+            access: Access::new(settings),
+            scheme: if settings.tls_cert.trim().is_empty() {
+                "http"
+            } else {
+                "https"
+            },
             auth_header: settings.auth_header,
             body_limit: settings.body_limit.as_u64(),
             max_header_bytes: settings.max_header_bytes.as_u64() as usize,
@@ -80,8 +94,8 @@ impl Proxy {
         }
     }
 
-    /// Applies the limits and header rules, then forwards the request as a stream, or, on a guarded route,
-    /// reads it whole and hands it to the engine.
+    /// Applies the access rules, the limits and the header rules, then forwards the request as a stream, or, on
+    /// a guarded route, reads it whole and hands it to the engine.
     async fn dispatch(
         &self,
         request: Request<Incoming>,
@@ -89,6 +103,20 @@ impl Proxy {
     ) -> Result<Response<ResponseBody>, ProxyError> {
         self.check_head(&request)?;
         let (mut parts, body) = request.into_parts();
+        // Refused callers learn nothing else about the request.
+        let scope = access::Scope::of(parts.uri.path());
+        // The refusal's one log line (the rescue's) names who was refused.
+        let refused = |err: ProxyError| match err {
+            ProxyError::Forbidden { code, reason } => ProxyError::Forbidden {
+                code,
+                reason: format!("{reason} (client {})", client.ip()),
+            },
+            other => other,
+        };
+        self.access
+            .check_head(client.ip(), scope, &parts.headers)
+            .map_err(refused)?;
+        self.access.remove_secret(&mut parts.headers);
         if parts.method == Method::CONNECT {
             return Err(ProxyError::Method {
                 method: parts.method,
@@ -110,7 +138,7 @@ impl Proxy {
         let repair = self.auth_header == AuthHeader::Repair && endpoint.is_some();
         let route = self.guard.route(&parts.method, parts.uri.path());
         headers::remove_hop_by_hop(&mut parts.headers);
-        headers::add_forwarded(&mut parts.headers, client.ip(), "http");
+        headers::add_forwarded(&mut parts.headers, client.ip(), self.scheme);
         // The parts keep their extensions: hyper's record of the client's header-name case goes upstream too.
         parts.version = Version::HTTP_11;
         let limit_error = |err: ProxyError| match err {
@@ -119,25 +147,22 @@ impl Proxy {
             },
             other => other,
         };
-        if let Some(route) = route {
-            let body = Limited::new(body, self.body_limit as usize)
-                .collect()
-                .await
-                .map_err(|err| match err.downcast::<LengthLimitError>() {
-                    Ok(_) => ProxyError::BodyTooLarge {
-                        limit: self.body_limit,
-                    },
-                    Err(err) => ProxyError::ClientBody {
-                        cause: err.to_string(),
-                    },
-                })?
-                .to_bytes();
-            let answer = self.guard.handle(route, parts, body, client, repair).await;
-            return answer.map(|response| response.map(Either::Right));
-        }
+        // Guarded routes, and any OpenAPI request while `allow_apps` is on, are read whole first.
+        let body = if route.is_some() || self.access.reads_body(scope) {
+            let bytes = self.read_body(body).await?;
+            self.access
+                .check_apps(scope, &parts, &bytes)
+                .map_err(refused)?;
+            if let Some(route) = route {
+                let answer = self.guard.handle(route, parts, bytes, client, repair).await;
+                return answer.map(|response| response.map(Either::Right));
+            }
+            Either::Right(Full::new(bytes))
+        } else {
+            Either::Left(Limited::new(body, self.body_limit as usize))
+        };
         let metrics = crate::metrics::get();
         metrics.passthrough();
-        let body = Either::Left(Limited::new(body, self.body_limit as usize));
         let arm = tap::Arm {
             repair,
             capture: false,
@@ -153,6 +178,22 @@ impl Proxy {
             .observe(started.elapsed().as_secs_f64());
         headers::remove_hop_by_hop(response.headers_mut());
         Ok(response.map(Either::Left))
+    }
+
+    /// The whole request body, within `body_limit`.
+    async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
+        Ok(Limited::new(body, self.body_limit as usize)
+            .collect()
+            .await
+            .map_err(|err| match err.downcast::<LengthLimitError>() {
+                Ok(_) => ProxyError::BodyTooLarge {
+                    limit: self.body_limit,
+                },
+                Err(err) => ProxyError::ClientBody {
+                    cause: err.to_string(),
+                },
+            })?
+            .to_bytes())
     }
 
     /// Header limits with a clear answer; hyper's own limits (twice these, see `server.rs`) are the backstop.

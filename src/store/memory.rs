@@ -39,6 +39,8 @@ struct Entry {
     owner: String,
     fingerprint: String,
     fields: String,
+    /// Digest of the leader's access token.
+    credential: String,
     /// The route's window, kept beyond the lease while in flight.
     window: Duration,
     created: Instant,
@@ -106,6 +108,7 @@ impl MemoryStore {
                 owner: token.clone(),
                 fingerprint: info.fingerprint.clone(),
                 fields: info.fields.clone(),
+                credential: info.credential.clone(),
                 window: info.window,
                 created: now,
                 expires_at,
@@ -389,6 +392,7 @@ impl Entry {
             fingerprint: self.fingerprint.clone(),
             fields: self.fields.clone(),
             age_ms: now.saturating_duration_since(self.created).as_millis() as u64,
+            credential: self.credential.clone(),
         }
     }
 }
@@ -406,6 +410,7 @@ mod tests {
         ClaimInfo {
             fingerprint: "fp".into(),
             fields: "{}".into(),
+            credential: String::new(),
             lease: Duration::from_secs(5),
             window: Duration::from_millis(window_ms),
         }

@@ -137,6 +137,8 @@ pub struct Record {
     pub fields: String,
     /// Milliseconds since the record was created.
     pub age_ms: u64,
+    /// The SHA-256 digest of the leader's access token ([`ClaimInfo::credential`]); empty when it sent none.
+    pub credential: String,
 }
 
 /// What a claim needs besides the key.
@@ -144,6 +146,10 @@ pub struct Record {
 pub struct ClaimInfo {
     pub fingerprint: String,
     pub fields: String,
+    /// The SHA-256 digest of the leader's access token (`X-POWERJOB-ACCESS-TOKEN`; empty when it sent none),
+    /// never the token itself: a duplicate with another token is replayed only after the server accepted its
+    /// token (see `guard::auth`).
+    pub credential: String,
     /// How long the leader may hold the key without renewing.
     pub lease: Duration,
     /// How long the record lives (the route's window); kept for this long from the claim, and again from completion.

@@ -2,7 +2,8 @@
 //!
 //! **Layout.** One hash per key, `runonce:{<64-hex key>}`; the braces are a hash tag, so a record and all a
 //! script touches live in one slot of a Redis Cluster. Fields: `state` (`inflight` | `done` | `unknown`), `owner`
-//! (the leader's token), `fp`, `fields`, `created` and `lease_until` (milliseconds on Redis's clock), and once
+//! (the leader's token), `fp`, `fields`, `cred` (the digest of the leader's access token, never the token),
+//! `created` and `lease_until` (milliseconds on Redis's clock), and once
 //! done `status`, `head`, `body` (the bytes as they came) and `delivered` (`0`/`1`). The hash's time to live is
 //! the record's expiry: max(window, lease) from the claim, raised to at least the lease by each renew, the window
 //! again from completion or from turning unknown.
@@ -349,6 +350,7 @@ impl Store for RedisStore {
                     info.fields.as_bytes(),
                     lease.as_bytes(),
                     window.as_bytes(),
+                    info.credential.as_bytes(),
                 ],
             )
             .await?;
@@ -375,6 +377,7 @@ impl Store for RedisStore {
                     info.fields.as_bytes(),
                     lease.as_bytes(),
                     window.as_bytes(),
+                    info.credential.as_bytes(),
                 ],
             )
             .await?;
@@ -789,7 +792,7 @@ fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, 
 
 /// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}` as a [`Record`].
 fn record(items: &[Value]) -> Option<Record> {
-    if items.len() != 10 {
+    if items.len() != 11 {
         return None;
     }
     let state = match text(items.get(1))? {
@@ -815,6 +818,7 @@ fn record(items: &[Value]) -> Option<Record> {
         fingerprint: text(items.get(3))?.to_string(),
         fields: text(items.get(4))?.to_string(),
         age_ms: u64::try_from(int(items.get(5))?).unwrap_or(0),
+        credential: text(items.get(10))?.to_string(),
     })
 }
 
@@ -1034,11 +1038,13 @@ mod tests {
                 b"HTTP/1.1 201 X\r\n\r\n",
                 b"\xff\x00",
                 b"1",
+                b"c0ffee",
             ],
             42,
         );
         let parsed = record(&done).unwrap();
         assert_eq!(parsed.age_ms, 42);
+        assert_eq!(parsed.credential, "c0ffee");
         assert_eq!(
             parsed.state,
             State::Done {
@@ -1057,7 +1063,7 @@ mod tests {
         let mut bad = done.clone();
         bad[6] = Value::BulkString(b"99999".to_vec());
         assert!(record(&bad).is_none());
-        assert!(record(&done[..9]).is_none());
+        assert!(record(&done[..10]).is_none());
         assert!(claim_answer("claim", Value::Int(1), "t".into()).is_err());
         assert!(claim_answer("claim", Value::Array(vec![]), "t".into()).is_err());
         assert!(flag("renew", &Value::Int(2)).is_err());
@@ -1077,6 +1083,7 @@ mod tests {
                 b"",
                 b"",
                 b"0",
+                b"",
             ],
             1,
         );

@@ -21,11 +21,11 @@ local function changed(what)
   redis.call('PUBLISH', channel, what)
 end
 
--- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}, or false
+-- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred}, or false
 -- when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed here.
 local function read_record(now)
   local r = redis.call('HMGET', record_key, 'state', 'owner', 'fp', 'fields', 'created', 'lease_until',
-    'status', 'head', 'body', 'delivered')
+    'status', 'head', 'body', 'delivered', 'cred')
   if not r[1] then
     return false
   end
@@ -38,7 +38,7 @@ local function read_record(now)
     age = 0
   end
   return {'existing', state, r[2] or '', r[3] or '', r[4] or '', age, r[7] or '', r[8] or '', r[9] or '',
-    r[10] or '0'}
+    r[10] or '0', r[11] or ''}
 end
 
 -- Fencing: whether `token` leads the record and its lease still holds. Every change a leader makes
@@ -48,13 +48,14 @@ local function leads(token, now)
   return r[1] == 'inflight' and r[2] == token and (tonumber(r[3]) or 0) >= now
 end
 
--- A new in-flight record led by `token`. It lives for lease + window: should its leader die, the record
+-- A new in-flight record led by `token`; `cred` is the digest of the leader's access token (never the token). It lives for lease + window: should its leader die, the record
 -- still reads 'unknown' for a whole window after the lease ran out. Not published: nobody waits on a key
 -- that had no record, or only a delivered answer (waiters wait on in-flight records).
-local function create(token, fp, fields, lease, window, now)
+local function create(token, fp, fields, lease, window, now, cred)
   redis.call('DEL', record_key)
   redis.call('HSET', record_key, 'state', 'inflight', 'owner', token, 'fp', fp, 'fields', fields,
-    'created', int(now), 'lease_until', int(now + lease), 'window', int(window), 'delivered', '0')
+    'created', int(now), 'lease_until', int(now + lease), 'window', int(window), 'delivered', '0',
+    'cred', cred or '')
   redis.call('PEXPIRE', record_key, int(lease + window))
   return {'leader'}
 end

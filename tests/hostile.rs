@@ -504,3 +504,49 @@ async fn two_thousand_idle_connections_neither_block_a_request_nor_stay_open() {
     assert_eq!(upstream.count(), 1);
     still_serves(addr).await;
 }
+
+#[tokio::test]
+async fn idle_connections_beyond_max_connections_delay_a_request_only_by_header_read_timeouts() {
+    let upstream = upstream().await;
+    let proxy = proxy(
+        &[upstream.url()],
+        &["--header-read-timeout", "3s", "--max-connections", "100"],
+    );
+    let addr = proxy.addr("proxy");
+    // 200 idle sockets against 100 slots: the second hundred waits in the backlog until the first is cut off.
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(addr).await.expect("connect"));
+    }
+    // When the proxy cuts off each idle connection (as seen from here).
+    let closes: Vec<_> = idle
+        .into_iter()
+        .map(|mut stream| {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1];
+                let _ = tokio::time::timeout(STEP, stream.read(&mut buf)).await;
+                opened.elapsed()
+            })
+        })
+        .collect();
+    let started = opened.elapsed();
+    still_serves(addr).await;
+    let answered = opened.elapsed();
+    let mut first_close = STEP;
+    for close in closes {
+        first_close = first_close.min(close.await.unwrap());
+    }
+    eprintln!(
+        "200 idle connections, max_connections 100, header_read_timeout 3s: a request waited {:?}; the first idle one was cut off at {first_close:?}",
+        answered - started
+    );
+    assert!(answered < STEP, "bounded by the idle connections' timeouts");
+    // With the cap no slot frees before an idle connection is cut off, 3 s after it was accepted (here, a
+    // second is allowed for opening the 200 sockets): without it the request would be answered at once.
+    assert!(
+        answered - started >= Duration::from_secs(1),
+        "the request was served while every slot was held by an idle connection"
+    );
+    assert!(first_close >= Duration::from_secs(3), "{first_close:?}");
+}

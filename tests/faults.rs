@@ -111,6 +111,18 @@ impl Tally {
     }
 }
 
+/// Waits until the mock has created an instance for `job` (the call reached the server), at most 10 s.
+async fn until_created(mock: SocketAddr, job: u64) -> serde_json::Value {
+    for _ in 0..500 {
+        let stats = mock_stats(mock).await;
+        if stats["instances_by_job"][job.to_string()] == 1 {
+            return stats;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("job {job} never reached the mock");
+}
+
 async fn run_job(addr: SocketAddr, job: u64) -> std::io::Result<RawResponse> {
     raw(addr, &form_post(RUN_JOB, &body(job), "")).await
 }
@@ -211,14 +223,14 @@ async fn redis_restarted_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_paused_longer_than_the_lease() {
     let redis = RedisServer::start();
-    let mock = mock("v5.1.1-auth-off", 2500);
+    let mock = mock("v5.1.1-auth-off", 3000);
     let flags = ["--store-timeout", "300ms", "--lease", "1s"];
     let a = guarded_proxy(&mock, &redis.url(), &flags);
     let b = guarded_proxy(&mock, &redis.url(), &flags);
     let proxies = [a.addr("proxy"), b.addr("proxy")];
-    // The leader's call runs 2.5 s; Redis freezes for 2.5 s of it (more than twice the lease).
+    // The leader's call runs 3 s; Redis freezes for 2.5 s of it (more than twice the lease).
     let leader = tokio::spawn(run_job(proxies[0], 7));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_created(mock.addr("mock"), 7).await;
     let waiter = tokio::spawn(run_job(proxies[1], 7));
     tokio::time::sleep(Duration::from_millis(200)).await;
     redis.pause();
@@ -267,25 +279,13 @@ async fn redis_paused_longer_than_the_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_call_and_restarted() {
     let redis = RedisServer::start();
-    let mut mock = mock("v5.1.1-auth-off", 2000);
+    let mut mock = mock("v5.1.1-auth-off", 4000);
     let mock_addr = mock.addr("mock");
     let proxy = guarded_proxy(&mock, &redis.url(), &[]);
     let addr = proxy.addr("proxy");
     let calls: Vec<_> = (0..10).map(|_| tokio::spawn(run_job(addr, 3))).collect();
-    // The mock creates the instance on receipt, then takes 2 s to answer: kill it in between.
-    let mut created_before_kill = serde_json::Value::Null;
-    for _ in 0..100 {
-        let stats = mock_stats(mock_addr).await;
-        if stats["instances_by_job"]["3"] == 1 {
-            created_before_kill = stats;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(
-        created_before_kill["instances_by_job"]["3"], 1,
-        "the call reached the mock"
-    );
+    // The mock creates the instance on receipt, then takes 4 s to answer: kill it in between.
+    let created_before_kill = until_created(mock_addr, 3).await;
     mock.child.kill().expect("SIGKILL the upstream");
     let _ = mock.child.wait();
     let mut tally = Tally::default();
@@ -428,7 +428,7 @@ async fn clients_hang_up_while_their_leaders_call_runs() {
     let stayers: Vec<_> = (0..10)
         .map(|i| tokio::spawn(run_job(proxies[i % 2], 9)))
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_created(mock.addr("mock"), 9).await;
     let hung_up = leavers.len();
     drop(leavers);
     let mut tally = Tally::default();

@@ -550,3 +550,50 @@ async fn idle_connections_beyond_max_connections_delay_a_request_only_by_header_
     );
     assert!(first_close >= Duration::from_secs(3), "{first_close:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_connections_queues_in_the_kernel_while_the_proxy_is_off_the_cpu() {
+    // std's listen backlog (128) dropped the SYNs beyond it, and those clients came back a second later: in a
+    // storm of duplicates, after the first answer was delivered. Freeze the proxy and connect 600 times.
+    let upstream = upstream().await;
+    let proxy = proxy(&[upstream.url()], &[]);
+    let addr = proxy.addr("proxy");
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &proxy.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    };
+    signal("-STOP");
+    let mut queued = Vec::new();
+    let mut stuck = 0;
+    for _ in 0..600 {
+        // The handshake completes in the kernel when the accept queue has room; a dropped SYN would be
+        // retried only after a second.
+        match tokio::time::timeout(Duration::from_millis(500), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => queued.push(stream),
+            _ => stuck += 1,
+        }
+        if stuck > 0 {
+            break;
+        }
+    }
+    signal("-CONT");
+    eprintln!(
+        "proxy frozen: {} connections queued, {stuck} not",
+        queued.len()
+    );
+    assert_eq!(stuck, 0, "connects beyond the listen backlog hung");
+    // Each is served once the proxy runs again (one after the other: the scripted upstream has std's backlog).
+    for mut stream in queued {
+        stream
+            .write_all(b"GET /openApi/assert HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut stream).await.expect("an answer").status,
+            200
+        );
+    }
+}

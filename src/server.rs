@@ -3,8 +3,8 @@
 //! One accept loop per listener. Client connections are HTTP/1.1 only (HTTP/2 would lower-case header names,
 //! and the 5.1.0 client looks one up by its exact case), served by hyper with `preserve_header_case` so that
 //! names leave with the case they came with. Limits: at most `max_connections` at once (a semaphore taken
-//! before `accept`, so excess clients wait in the listen backlog, `LISTEN_BACKLOG` deep), the request head's size and header count, and the
-//! time to send it (`header_read_timeout`, the slowloris guard).
+//! before `accept`, so excess clients wait in the listen backlog, `LISTEN_BACKLOG` deep), the request head's
+//! size and header count, and the time to send it (`header_read_timeout`, the slowloris guard).
 //!
 //! Shutdown is one path with a bound: the `shutdown` future resolves (SIGTERM or SIGINT in the binary) →
 //! listeners close → connections finish their in-flight request (hyper-util `GracefulShutdown`) → after

@@ -179,6 +179,11 @@ settings! {
     tls_cert: String = String::new(), flag "tls-cert";
     /// TLS toward clients: the certificate's private key (PEM file).
     tls_key: String = String::new(), flag "tls-key";
+    // ---- Hostile input (reliability issue) ----
+    /// Time a client has to send the whole body of a guarded call once its head arrived (the slowloris guard
+    /// for bodies runonce reads whole); then 408 and the connection is closed. Other bodies stream, bounded by
+    /// `upstream_timeout`.
+    body_read_timeout: Dur = Dur::secs(30), flag "body-read-timeout";
     ; file only:
     /// Per-route overrides, `[routes.runJob]` etc.: `enabled`, `window`, `fields`, `after_delivery`,
     /// `on_store_error`. Routes not named keep their defaults; see `config/runonce.toml`.
@@ -226,6 +231,15 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The settings of a config file's text alone (no environment, no flags), validated: what
+    /// `runonce check-config` does with a file, and the entry point of the config fuzz target.
+    pub fn from_toml(text: &str) -> Result<Settings, ConfigError> {
+        let layer = parse_file("(text)", text)?;
+        let settings = Settings::from_layer(layer);
+        settings.validate()?;
+        Ok(settings)
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.upstreams.is_empty() {
             return Err(ConfigError::new(
@@ -242,7 +256,7 @@ impl Settings {
                 "must differ from listen",
             ));
         }
-        let positive: [(&str, u64); 15] = [
+        let positive: [(&str, u64); 16] = [
             ("memory_max_keys", self.memory_max_keys.0 as u64),
             ("store_timeout", self.store_timeout.0.as_millis() as u64),
             ("window", self.window.0.as_millis() as u64),
@@ -270,6 +284,10 @@ impl Settings {
                 self.upstream_idle_timeout.0.as_millis() as u64,
             ),
             ("drain_timeout", self.drain_timeout.0.as_millis() as u64),
+            (
+                "body_read_timeout",
+                self.body_read_timeout.0.as_millis() as u64,
+            ),
         ];
         if let Some((key, value)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::new(*key, value, "must be greater than zero"));
@@ -422,8 +440,12 @@ fn read_file(path: &Path) -> Result<Layer, ConfigError> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path)
         .map_err(|err| ConfigError::new("config", &name, err.to_string()))?;
+    parse_file(&name, &text)
+}
+
+fn parse_file(name: &str, text: &str) -> Result<Layer, ConfigError> {
     // toml's message names the key and shows the line.
-    toml::from_str(&text).map_err(|err| ConfigError::new(name, "(file)", err.to_string().trim()))
+    toml::from_str(text).map_err(|err| ConfigError::new(name, "(file)", err.to_string().trim()))
 }
 
 /// Builds a layer from `(key, source, values)`, one key at a time so an error names its source.

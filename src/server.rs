@@ -3,8 +3,8 @@
 //! One accept loop per listener. Client connections are HTTP/1.1 only (HTTP/2 would lower-case header names,
 //! and the 5.1.0 client looks one up by its exact case), served by hyper with `preserve_header_case` so that
 //! names leave with the case they came with. Limits: at most `max_connections` at once (a semaphore taken
-//! before `accept`, so excess clients wait in the backlog), the request head's size and header count, and the
-//! time to send it (`header_read_timeout`, the slowloris guard).
+//! before `accept`, so excess clients wait in the listen backlog, `LISTEN_BACKLOG` deep), the request head's
+//! size and header count, and the time to send it (`header_read_timeout`, the slowloris guard).
 //!
 //! Shutdown is one path with a bound: the `shutdown` future resolves (SIGTERM or SIGINT in the binary) →
 //! `/readyz` answers 503 at once (the admin listener keeps answering until the end) and the proxy listener
@@ -24,7 +24,7 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{watch, Semaphore};
 
 use crate::admin::{self, Admin};
@@ -42,21 +42,37 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
+/// Connections the kernel queues for `accept` (capped by `net.core.somaxconn`). std's default is 128: a storm of
+/// a few hundred duplicates, arriving while the proxy is briefly off the CPU, overflowed it, the kernel dropped
+/// the excess SYNs, and those clients retried a second later, after the first answer had been delivered (so
+/// their identical call counted as a new one).
+const LISTEN_BACKLOG: u32 = 4096;
+
 impl Listeners {
     pub async fn bind(settings: &Settings) -> io::Result<Listeners> {
-        let proxy = TcpListener::bind(settings.listen).await.map_err(|err| {
+        let proxy = bind(settings.listen).map_err(|err| {
             io::Error::new(err.kind(), format!("listen {}: {err}", settings.listen))
         })?;
-        let admin = TcpListener::bind(settings.admin_listen)
-            .await
-            .map_err(|err| {
-                io::Error::new(
-                    err.kind(),
-                    format!("admin_listen {}: {err}", settings.admin_listen),
-                )
-            })?;
+        let admin = bind(settings.admin_listen).map_err(|err| {
+            io::Error::new(
+                err.kind(),
+                format!("admin_listen {}: {err}", settings.admin_listen),
+            )
+        })?;
         Ok(Listeners { proxy, admin })
     }
+}
+
+/// A listener on `addr` with [`LISTEN_BACKLOG`] (and `SO_REUSEADDR`, as `TcpListener::bind` sets it).
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Serves the proxy and the admin listener until `shutdown` resolves, then drains within `drain_timeout`.

@@ -6,10 +6,17 @@
 //! - Form bodies are decoded properly (`+` is a space, `%XX` are UTF-8 bytes) and merged with the query
 //!   string, as Spring binds them.
 //! - JSON bodies: each top-level member as compact JSON with sorted keys (a non-object body is one member
-//!   named `""`). Integers are exact to 64 bits, so int64 ids above 2^53 do not collide.
+//!   named `""`). Integers are exact to 64 bits, so int64 ids above 2^53 do not collide. A body with a number
+//!   that is not an exact 64-bit integer (a fraction, an exponent, a larger integer) is also keyed by its
+//!   bytes: serde_json rounds such numbers to `f64`, and two different numbers must not make one key.
 //! - A missing field equals its default (`instanceParams` absent = empty, `delay` absent = `0`), so the
 //!   client's omission of an empty `instanceParams` does not make a different key.
-//! - Any other body (or a body that does not parse) counts as one opaque field: its bytes.
+//!
+//! What cannot be keyed the way the server reads it is refused ([`BadPayload`]), never forwarded under a key that
+//! might merge two different calls: a non-empty body that is neither a form nor JSON, invalid percent-encoding
+//! or invalid UTF-8 in a form or the query, JSON that does not parse (serde_json stops at 128 levels of
+//! nesting, so a deep body is refused rather than recursed into), and a field given twice (Spring would bind
+//! one value or join them; which one is not ours to guess).
 //!
 //! Pure functions; no I/O.
 
@@ -24,7 +31,7 @@ use crate::store::{hex, Key};
 pub struct Payload {
     /// The app the request acts for (may be empty when the request names none).
     pub principal: String,
-    /// `(name, value)` sorted by name; values of repeated names keep their order.
+    /// `(name, value)` sorted by name, each name once.
     pub fields: Vec<(String, String)>,
 }
 
@@ -37,6 +44,17 @@ pub fn defaults(route: &str) -> &'static [(&'static str, &'static str)] {
     }
 }
 
+/// Why a guarded request's fields cannot be read (the client gets 400 or 415, nothing is forwarded).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BadPayload {
+    /// A non-empty body that is neither `application/x-www-form-urlencoded` nor JSON.
+    #[error("a guarded call's body must be application/x-www-form-urlencoded or application/json, not {content_type:?}")]
+    MediaType { content_type: String },
+    /// The form, the query or the JSON does not parse, or names a field twice.
+    #[error("{0}")]
+    Malformed(String),
+}
+
 /// Reads the payload of a request. `app_header` is the `X-POWERJOB-APP-ID` value, if any; `selected` limits
 /// the fields to those names (the route's `fields` setting).
 pub fn payload(
@@ -46,22 +64,40 @@ pub fn payload(
     body: &[u8],
     app_header: Option<&str>,
     selected: Option<&[String]>,
-) -> Payload {
-    let mut fields: Vec<(String, String)> = query.map(form_fields).unwrap_or_default();
+) -> Result<Payload, BadPayload> {
+    let mut fields: Vec<(String, String)> = match query {
+        Some(query) => form_fields(query.as_bytes()).map_err(|why| malformed("query", why))?,
+        None => Vec::new(),
+    };
     let kind = content_type.unwrap_or("").to_ascii_lowercase();
-    if kind.starts_with("application/x-www-form-urlencoded") {
-        fields.extend(form_fields_bytes(body));
-    } else if !body.is_empty() {
-        match (kind.contains("json"))
-            .then(|| serde_json::from_slice::<Value>(body))
-            .and_then(Result::ok)
-        {
-            Some(Value::Object(members)) => {
+    if body.is_empty() {
+        // Query parameters only: the Content-Type does not matter.
+    } else if kind.starts_with("application/x-www-form-urlencoded") {
+        fields.extend(form_fields(body).map_err(|why| malformed("form body", why))?);
+    } else if kind.contains("json") {
+        let value = serde_json::from_slice::<Value>(body)
+            .map_err(|err| BadPayload::Malformed(format!("the JSON body does not parse: {err}")))?;
+        if has_inexact_number(&value) {
+            fields.push(("\u{0}body".to_string(), hex(&Sha256::digest(body))));
+        }
+        match value {
+            Value::Object(members) => {
                 fields.extend(members.into_iter().map(|(k, v)| (k, canonical_json(&v))))
             }
-            Some(other) => fields.push((String::new(), canonical_json(&other))),
-            None => fields.push(("\u{0}body".to_string(), hex(&Sha256::digest(body)))),
+            other => fields.push((String::new(), canonical_json(&other))),
         }
+    } else {
+        return Err(BadPayload::MediaType {
+            content_type: content_type.unwrap_or("(none)").to_string(),
+        });
+    }
+    let mut names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(BadPayload::Malformed(format!(
+            "the field {:?} is given more than once",
+            twice[0]
+        )));
     }
     let principal = app_header
         .filter(|v| powerjob::header_present(v))
@@ -85,9 +121,12 @@ pub fn payload(
     if let Some(selected) = selected {
         fields.retain(|(name, _)| selected.iter().any(|s| s == name));
     }
-    // Stable: repeated names keep their order.
     fields.sort_by(|a, b| a.0.cmp(&b.0));
-    Payload { principal, fields }
+    Ok(Payload { principal, fields })
+}
+
+fn malformed(what: &str, why: String) -> BadPayload {
+    BadPayload::Malformed(format!("the {what} is not valid form encoding: {why}"))
 }
 
 /// Whether a JSON body (saveJob, saveWorkflow) names the record it updates: then it creates nothing new.
@@ -129,16 +168,14 @@ pub fn idempotency_key(route: &str, principal: &str, client_key: &str) -> Key {
 
 /// The fields as `{"name":"digest"}` JSON, stored beside a record to name the fields that differ later.
 pub fn field_digests(payload: &Payload) -> String {
-    let mut map = serde_json::Map::new();
-    for (name, value) in &payload.fields {
-        let digest = hex(&Sha256::digest(value.as_bytes()));
-        let entry = map
-            .entry(name.clone())
-            .or_insert_with(|| Value::String(String::new()));
-        // Repeated names: digest of the digests, in order.
-        let joined = format!("{}{}", entry.as_str().unwrap_or(""), &digest[..16]);
-        *entry = Value::String(joined);
-    }
+    let map: serde_json::Map<String, Value> = payload
+        .fields
+        .iter()
+        .map(|(name, value)| {
+            let digest = hex(&Sha256::digest(value.as_bytes()));
+            (name.clone(), Value::String(digest[..16].to_string()))
+        })
+        .collect();
     Value::Object(map).to_string()
 }
 
@@ -163,14 +200,60 @@ fn put(hash: &mut Sha256, part: &str) {
     hash.update(part.as_bytes());
 }
 
-fn form_fields(text: &str) -> Vec<(String, String)> {
-    form_fields_bytes(text.as_bytes())
+/// Decodes `application/x-www-form-urlencoded` strictly: `+` is a space, `%XX` a byte, and the decoded bytes
+/// must be UTF-8. Empty pairs (`a=1&&b=2`) are skipped and a name without `=` has an empty value, as the
+/// `form_urlencoded` crate (and Spring) read them.
+fn form_fields(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
+    bytes
+        .split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &b""[..]),
+            };
+            Ok((form_decode(name)?, form_decode(value)?))
+        })
+        .collect()
 }
 
-fn form_fields_bytes(bytes: &[u8]) -> Vec<(String, String)> {
-    form_urlencoded::parse(bytes)
-        .map(|(k, v)| (k.into_owned(), v.into_owned()))
-        .collect()
+fn form_decode(encoded: &[u8]) -> Result<String, String> {
+    let mut out = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        match encoded[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = encoded.get(i + 1..i + 3).and_then(|h| {
+                    let text = std::str::from_utf8(h).ok()?;
+                    // from_str_radix accepts a leading `+`; only two hex digits are an escape.
+                    h.iter()
+                        .all(u8::is_ascii_hexdigit)
+                        .then(|| u8::from_str_radix(text, 16).ok())?
+                });
+                let Some(byte) = hex else {
+                    let shown = String::from_utf8_lossy(&encoded[i..encoded.len().min(i + 3)]);
+                    return Err(format!("{shown:?} is not a %XX escape"));
+                };
+                out.push(byte);
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|err| format!("decoded bytes are not UTF-8 ({err})"))
+}
+
+/// Whether a number in `value` is not an exact 64-bit integer (serde_json holds it as a rounded `f64`).
+/// Recursion is bounded: serde_json refuses documents nested deeper than 128 levels.
+fn has_inexact_number(value: &Value) -> bool {
+    match value {
+        Value::Number(n) => n.is_f64(),
+        Value::Array(items) => items.iter().any(has_inexact_number),
+        Value::Object(members) => members.values().any(has_inexact_number),
+        _ => false,
+    }
 }
 
 /// Compact JSON with object keys sorted (serde_json's map is ordered by key without `preserve_order`).
@@ -188,7 +271,7 @@ mod tests {
         fingerprint(
             "POST",
             "runJob",
-            &payload("runJob", FORM, None, body.as_bytes(), app_header, None),
+            &payload("runJob", FORM, None, body.as_bytes(), app_header, None).unwrap(),
         )
     }
 
@@ -264,7 +347,7 @@ mod tests {
             fingerprint(
                 "POST",
                 "saveJob",
-                &payload("saveJob", json, None, body.as_bytes(), None, None),
+                &payload("saveJob", json, None, body.as_bytes(), None, None).unwrap(),
             )
         };
         assert_eq!(
@@ -282,23 +365,105 @@ mod tests {
     }
 
     #[test]
-    fn unparseable_and_deeply_nested_bodies_are_opaque_not_errors() {
+    fn what_cannot_be_keyed_as_the_server_reads_it_is_refused() {
         let json = Some("application/json");
+        let refused = |content_type: Option<&str>, body: &[u8]| {
+            payload("saveJob", content_type, None, body, None, None).unwrap_err()
+        };
+        // Deeper than serde_json's 128 levels: refused, not recursed into.
         let deep = "[".repeat(100_000);
-        let p = payload("saveJob", json, None, deep.as_bytes(), None, None);
-        assert_eq!(p.fields.len(), 1);
-        let garbage = payload("saveJob", json, None, b"\xff\xfe not json", None, None);
-        assert_ne!(
-            fingerprint("POST", "saveJob", &p),
-            fingerprint("POST", "saveJob", &garbage)
-        );
-        let bad_form = payload("runJob", FORM, None, b"jobId=%zz&appId=%ff", None, None);
+        assert!(matches!(
+            refused(json, deep.as_bytes()),
+            BadPayload::Malformed(_)
+        ));
+        assert!(matches!(
+            refused(json, b"\xff\xfe not json"),
+            BadPayload::Malformed(_)
+        ));
+        for form in [
+            &b"jobId=%zz&appId=1"[..],
+            b"jobId=5%",
+            b"jobId=5%4",
+            b"jobId=%+1",
+            b"appId=%ff",
+            b"a=%C3%28",
+        ] {
+            let err = refused(FORM, form);
+            assert!(matches!(err, BadPayload::Malformed(_)), "{form:?}: {err:?}");
+        }
+        let err = payload("runJob", FORM, Some("jobId=%e9"), b"appId=1", None, None).unwrap_err();
+        assert!(err.to_string().contains("query"), "{err}");
+        let err = refused(FORM, b"jobId=5&appId=1&jobId=6");
+        assert!(err.to_string().contains("\"jobId\""), "{err}");
+        let err = payload(
+            "runJob",
+            FORM,
+            Some("appId=1"),
+            b"appId=1&jobId=5",
+            None,
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("appId"), "{err}");
+        assert!(matches!(
+            refused(Some("text/plain"), b"jobId=5"),
+            BadPayload::MediaType { .. }
+        ));
+        assert!(matches!(
+            refused(None, b"jobId=5"),
+            BadPayload::MediaType { .. }
+        ));
+        // No body: the query alone, whatever the Content-Type says.
+        assert!(payload(
+            "runJob",
+            Some("text/plain"),
+            Some("jobId=5&appId=1"),
+            b"",
+            None,
+            None
+        )
+        .is_ok());
+        // Valid UTF-8 through escapes, and empty pairs, are fine.
+        let p = payload(
+            "runJob",
+            FORM,
+            None,
+            b"instanceParams=%C3%A9t%C3%A9&&appId=1&flag",
+            None,
+            None,
+        )
+        .unwrap();
         assert!(
-            bad_form
-                .fields
-                .iter()
-                .any(|(k, v)| k == "jobId" && v == "%zz"),
-            "{bad_form:?}"
+            p.fields
+                .contains(&("instanceParams".into(), "\u{e9}t\u{e9}".into())),
+            "{p:?}"
+        );
+        assert!(p.fields.contains(&("flag".into(), String::new())), "{p:?}");
+    }
+
+    #[test]
+    fn numbers_serde_json_rounds_never_share_a_key() {
+        let json = Some("application/json");
+        let fp = |body: &str| {
+            fingerprint(
+                "POST",
+                "saveJob",
+                &payload("saveJob", json, None, body.as_bytes(), None, None).unwrap(),
+            )
+        };
+        // Both round to the same f64.
+        assert_ne!(
+            fp(r#"{"appId":1,"n":123456789012345678901234567890}"#),
+            fp(r#"{"appId":1,"n":123456789012345678901234567891}"#)
+        );
+        assert_ne!(
+            fp(r#"{"appId":1,"x":0.10000000000000000001}"#),
+            fp(r#"{"appId":1,"x":0.1}"#)
+        );
+        assert_eq!(
+            fp(r#"{"appId":1,"x":0.5}"#),
+            fp(r#"{"appId":1,"x":0.5}"#),
+            "identical bytes still share a key"
         );
     }
 
@@ -312,7 +477,8 @@ mod tests {
             b"jobId=5&delay=0&appId=1",
             None,
             Some(&only),
-        );
+        )
+        .unwrap();
         let b = payload(
             "runJob",
             FORM,
@@ -320,19 +486,20 @@ mod tests {
             b"jobId=5&delay=99&appId=1",
             None,
             Some(&only),
-        );
+        )
+        .unwrap();
         assert_eq!(
             fingerprint("POST", "runJob", &a),
             fingerprint("POST", "runJob", &b)
         );
-        let query = payload("runJob", None, Some("jobId=5&appId=1"), b"", None, None);
+        let query = payload("runJob", None, Some("jobId=5&appId=1"), b"", None, None).unwrap();
         assert_eq!(query.principal, "1");
         assert!(query.fields.contains(&("jobId".into(), "5".into())));
     }
 
     #[test]
     fn differing_fields_are_named() {
-        let a = payload("runJob", FORM, None, b"jobId=5&delay=0&appId=1", None, None);
+        let a = payload("runJob", FORM, None, b"jobId=5&delay=0&appId=1", None, None).unwrap();
         let b = payload(
             "runJob",
             FORM,
@@ -340,7 +507,8 @@ mod tests {
             b"jobId=6&delay=0&appId=1&instanceParams=x",
             None,
             None,
-        );
+        )
+        .unwrap();
         assert_eq!(
             differing_fields(&field_digests(&a), &field_digests(&b)),
             vec!["instanceParams", "jobId"]
@@ -380,7 +548,7 @@ mod tests {
             fingerprint(
                 "POST",
                 "saveJob",
-                &payload("saveJob", json, None, body.as_bytes(), Some("1"), None),
+                &payload("saveJob", json, None, body.as_bytes(), Some("1"), None).unwrap(),
             )
         };
         assert_ne!(

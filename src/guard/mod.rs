@@ -315,7 +315,13 @@ impl Guard {
             &body,
             text(crate::powerjob::APP_ID),
             route.fields.as_deref(),
-        );
+        )
+        .map_err(|err| match err {
+            key::BadPayload::MediaType { .. } => ProxyError::UnsupportedMediaType {
+                reason: err.to_string(),
+            },
+            key::BadPayload::Malformed(reason) => ProxyError::BadBody { reason },
+        })?;
         let fingerprint = key::fingerprint(parts.method.as_str(), &route.name, &payload);
         let (key, window) = match client_key {
             Some(client_key) => (

@@ -25,6 +25,15 @@ pub enum ProxyError {
     /// The client's body broke off while it was being forwarded.
     #[error("the request body could not be read from the client: {cause}")]
     ClientBody { cause: String },
+    /// A guarded call's body or query cannot be read the way the server would read it; nothing was forwarded.
+    #[error("the request cannot be de-duplicated safely, so it was not forwarded: {reason}")]
+    BadBody { reason: String },
+    /// A guarded call's body is neither a form nor JSON; nothing was forwarded.
+    #[error("{reason}; the request was not forwarded")]
+    UnsupportedMediaType { reason: String },
+    /// A guarded call's body did not arrive whole within `body_read_timeout`; nothing was forwarded.
+    #[error("the request body did not arrive within {timeout:?}; the request was not forwarded")]
+    BodyTimeout { timeout: Duration },
     /// No upstream could be connected to; the request was sent nowhere.
     #[error("no upstream server could be reached (last: {upstream}: {cause})")]
     Unreachable { upstream: String, cause: String },
@@ -65,7 +74,9 @@ impl ProxyError {
             ProxyError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::HeadTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::Method { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            ProxyError::ClientBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::ClientBody { .. } | ProxyError::BadBody { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ProxyError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Unreachable { .. } | ProxyError::Broken { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadIdempotencyKey { .. } => StatusCode::BAD_REQUEST,
@@ -86,6 +97,9 @@ impl ProxyError {
             ProxyError::HeadTooLarge { .. } => "RUNONCE_HEAD_TOO_LARGE",
             ProxyError::Method { .. } => "RUNONCE_METHOD_NOT_ALLOWED",
             ProxyError::ClientBody { .. } => "RUNONCE_BAD_REQUEST_BODY",
+            ProxyError::BadBody { .. } => "RUNONCE_BAD_BODY",
+            ProxyError::UnsupportedMediaType { .. } => "RUNONCE_UNSUPPORTED_MEDIA_TYPE",
+            ProxyError::BodyTimeout { .. } => "RUNONCE_BODY_TIMEOUT",
             ProxyError::Unreachable { .. } => "RUNONCE_UPSTREAM_UNREACHABLE",
             ProxyError::Timeout { .. } => "RUNONCE_UPSTREAM_TIMEOUT",
             ProxyError::Broken { .. } => "RUNONCE_UPSTREAM_BROKEN",

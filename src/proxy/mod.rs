@@ -49,6 +49,7 @@ pub struct Proxy {
     scheme: &'static str,
     auth_header: AuthHeader,
     body_limit: u64,
+    body_read_timeout: std::time::Duration,
     max_header_bytes: usize,
     max_headers: usize,
 }
@@ -67,6 +68,7 @@ impl Proxy {
             },
             auth_header: settings.auth_header,
             body_limit: settings.body_limit.as_u64(),
+            body_read_timeout: settings.body_read_timeout.0,
             max_header_bytes: settings.max_header_bytes.as_u64() as usize,
             max_headers: settings.max_headers.0,
         }
@@ -90,7 +92,16 @@ impl Proxy {
         let uri = request.uri().clone();
         match self.dispatch(request, client).await {
             Ok(response) => response,
-            Err(err) => rescue(&err, &method, uri.path()).map(Either::Right),
+            Err(err) => {
+                let mut response = rescue(&err, &method, uri.path());
+                if let ProxyError::BodyTimeout { .. } = err {
+                    // The rest of the body may still come: this connection cannot carry another request.
+                    response
+                        .headers_mut()
+                        .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
+                response.map(Either::Right)
+            }
         }
     }
 
@@ -180,11 +191,15 @@ impl Proxy {
         Ok(response.map(Either::Left))
     }
 
-    /// The whole request body, within `body_limit`.
+    /// The whole request body, within `body_limit` and `body_read_timeout` (the slowloris guard for bodies
+    /// runonce reads whole).
     async fn read_body(&self, body: Incoming) -> Result<Bytes, ProxyError> {
-        Ok(Limited::new(body, self.body_limit as usize)
-            .collect()
+        let whole = Limited::new(body, self.body_limit as usize).collect();
+        Ok(tokio::time::timeout(self.body_read_timeout, whole)
             .await
+            .map_err(|_| ProxyError::BodyTimeout {
+                timeout: self.body_read_timeout,
+            })?
             .map_err(|err| match err.downcast::<LengthLimitError>() {
                 Ok(_) => ProxyError::BodyTooLarge {
                     limit: self.body_limit,

@@ -1,6 +1,6 @@
 //! Real `redis-server` processes for the store tests, on free loopback ports, each in its own temporary
-//! directory: a standalone server that can be stopped, restarted on the same port, paused (SIGSTOP) and
-//! resumed, and a Redis Cluster of N masters made with `redis-cli --cluster create`.
+//! directory: a standalone server (optionally with an append-only file, so a restart keeps its data) that can
+//! be stopped, restarted on the same port, paused (SIGSTOP) and resumed, and a Redis Cluster of N masters made with `redis-cli --cluster create`.
 //!
 //! Every process is killed and every directory removed on drop; every wait has a deadline. The tests never
 //! touch a Redis they did not start (not even one on the default port).
@@ -30,8 +30,14 @@ impl RedisServer {
         RedisServer::start_with(&[])
     }
 
+    /// A standalone server that keeps every acknowledged write across a crash (`appendfsync always`): a
+    /// [`Self::restart`] after [`Self::stop`] comes back with its records, as a production Redis with AOF does.
+    pub fn start_persistent() -> RedisServer {
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"])
+    }
+
     fn start_with(extra: &[&str]) -> RedisServer {
-        let cluster = !extra.is_empty();
+        let cluster = extra.contains(&"--cluster-enabled");
         let mut last_failure = String::new();
         // A port found free may be taken before the server binds it: try a few.
         for _ in 0..5 {

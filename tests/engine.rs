@@ -393,3 +393,33 @@ async fn with_the_header_repaired_an_identical_call_after_auth_app_is_a_new_call
     let stats = mock_stats(mock.addr("mock")).await;
     assert_eq!(stats["instances"], 2, "{stats}");
 }
+
+#[tokio::test]
+async fn every_spelling_the_server_reads_as_run_job_is_guarded_and_repaired() {
+    // The mock reads paths as PowerJob's Tomcat/Spring stack does, so each spelling runs a job there.
+    let mock = mock("v5.1.0-auth-off", 0);
+    let proxy = proxy(&[url(mock.addr("mock"))], &[]);
+    let addr = proxy.addr("proxy");
+    let key = "Idempotency-Key: spellings-1\r\n";
+    let spellings = [
+        "/openApi/runJob",
+        "/%6FpenApi/run%4Aob",
+        "/x/../openApi/runJob",
+        "//openApi//runJob/",
+        "/openApi;a=b/runJob;jsessionid=1",
+    ];
+    let mut ids = Vec::new();
+    for path in spellings {
+        let answer = raw(addr, &form_post(path, FORM, key)).await.unwrap();
+        assert_eq!(answer.status, 200, "{path}: {}", answer.text());
+        assert_eq!(
+            answer.exact("X-POWERJOB-AUTH-PASSED"),
+            Some("true"),
+            "{path}: the auth header is repaired"
+        );
+        ids.push(answer.json().unwrap()["data"].clone());
+    }
+    assert_eq!(instances(&mock).await, 1, "one instance for every spelling");
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "{ids:?}");
+}

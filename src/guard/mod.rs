@@ -190,8 +190,8 @@ impl Guard {
     }
 
     /// The route guarding this request, if any.
-    pub fn route(&self, method: &http::Method, path: &str) -> Option<Arc<Route>> {
-        self.policy.load().routes.find(method, path)
+    pub fn route(&self, method: &http::Method, endpoint: &str) -> Option<Arc<Route>> {
+        self.policy.load().routes.find(method, endpoint)
     }
 
     /// Notes a `/authApp` call from `client`: a duplicate right after it is the 5.1.0 client's re-send.

@@ -12,7 +12,6 @@ use std::time::Duration;
 use http::Method;
 
 use crate::config::{AfterDelivery, OnStoreError, Settings};
-use crate::powerjob;
 
 /// Endpoints that create an instance or a record on every accepted call.
 pub const CREATING: &[&str] = &[
@@ -72,51 +71,23 @@ impl Routes {
         Routes { by_name }
     }
 
-    /// The route guarding `method path`, if any.
-    pub fn find(&self, method: &Method, path: &str) -> Option<Arc<Route>> {
+    /// The route guarding `method` on an OpenAPI `endpoint` ([`crate::powerjob::served_endpoint`]), if any.
+    pub fn find(&self, method: &Method, endpoint: &str) -> Option<Arc<Route>> {
         if method != Method::POST {
             return None;
         }
-        let endpoint = normalize(powerjob::openapi_endpoint(path)?);
-        self.by_name.get(endpoint.as_ref()).cloned()
+        self.by_name.get(endpoint).cloned()
     }
-}
-
-/// The endpoint as Spring matches it: `;params` cut, trailing slashes ignored, `%XX` decoded. Otherwise
-/// `/openApi/runJob/` or `/openApi/run%4Aob` would reach `runJob` unguarded.
-fn normalize(endpoint: &str) -> std::borrow::Cow<'_, str> {
-    let endpoint = endpoint
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim_end_matches('/');
-    if !endpoint.contains('%') {
-        return endpoint.into();
-    }
-    let bytes = endpoint.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned().into()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The route for a request path, as the proxy finds it.
+    fn find(routes: &Routes, method: &Method, path: &str) -> Option<Arc<Route>> {
+        crate::powerjob::served_endpoint(path).and_then(|endpoint| routes.find(method, &endpoint))
+    }
     use crate::config::{RouteSettings, Settings};
 
     fn settings(routes: &[(&str, RouteSettings)]) -> Settings {
@@ -138,9 +109,9 @@ mod tests {
             "/openApi/saveJob",
             "/openApi/copyJob",
         ] {
-            assert!(routes.find(&Method::POST, path).is_some(), "{path}");
+            assert!(find(&routes, &Method::POST, path).is_some(), "{path}");
         }
-        assert!(routes.find(&Method::GET, "/openApi/runJob").is_none());
+        assert!(find(&routes, &Method::GET, "/openApi/runJob").is_none());
         for path in [
             "/openApi/runJob/",
             "/openApi/runJob;jsessionid=1",
@@ -148,11 +119,11 @@ mod tests {
             "/openApi/%72unJob//",
         ] {
             assert!(
-                routes.find(&Method::POST, path).is_some(),
+                find(&routes, &Method::POST, path).is_some(),
                 "{path} is runJob to Spring"
             );
         }
-        assert!(routes.find(&Method::POST, "/openApi/run%zzJob").is_none());
+        assert!(find(&routes, &Method::POST, "/openApi/run%zzJob").is_none());
         for path in [
             "/openApi/fetchInstanceStatus",
             "/openApi/authApp",
@@ -160,17 +131,15 @@ mod tests {
             "/runJob",
             "/",
         ] {
-            assert!(routes.find(&Method::POST, path).is_none(), "{path}");
+            assert!(find(&routes, &Method::POST, path).is_none(), "{path}");
         }
         assert!(
-            routes
-                .find(&Method::POST, "/openApi/saveJob")
+            find(&routes, &Method::POST, "/openApi/saveJob")
                 .unwrap()
                 .only_creating
         );
         assert!(
-            !routes
-                .find(&Method::POST, "/openApi/runJob")
+            !find(&routes, &Method::POST, "/openApi/runJob")
                 .unwrap()
                 .only_creating
         );
@@ -197,11 +166,9 @@ mod tests {
             ("stopInstance", added),
             ("runJob", tuned),
         ]));
-        assert!(routes.find(&Method::POST, "/openApi/copyJob").is_none());
-        assert!(routes
-            .find(&Method::POST, "/openApi/stopInstance")
-            .is_some());
-        let run = routes.find(&Method::POST, "/openApi/runJob").unwrap();
+        assert!(find(&routes, &Method::POST, "/openApi/copyJob").is_none());
+        assert!(find(&routes, &Method::POST, "/openApi/stopInstance").is_some());
+        let run = find(&routes, &Method::POST, "/openApi/runJob").unwrap();
         assert_eq!(run.window, Duration::from_secs(5));
         assert_eq!(run.fields.as_deref(), Some(&["jobId".to_string()][..]));
         assert_eq!(run.after_delivery, AfterDelivery::Replay);

@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
 use super::{
-    header_present, openapi_endpoint, result_json, result_json_v4, status, ACCESS_TOKEN, APP_ID,
+    header_present, result_json, result_json_v4, served_endpoint, status, ACCESS_TOKEN, APP_ID,
     AUTH_PASSED,
 };
 use crate::proxy::headers::exact_case_head;
@@ -309,7 +309,7 @@ impl Mock {
             return self.admin(&parts.method, admin);
         }
         self.record(&parts, &body);
-        match openapi_endpoint(path) {
+        match served_endpoint(path).as_deref() {
             Some(endpoint) => self.openapi(&parts, endpoint, &body).await,
             None => not_found(path),
         }

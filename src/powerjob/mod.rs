@@ -7,6 +7,8 @@
 pub mod client;
 pub mod mock;
 
+use std::borrow::Cow;
+
 use serde_json::Value;
 
 /// Response header the 5.1.x client looks up by this exact, case-sensitive name (value compared ignoring case).
@@ -22,14 +24,39 @@ pub const AUTH_APP: &str = "authApp";
 /// The OpenAPI base path; the client puts whatever prefix its address carries before it.
 pub const WEB_PATH: &str = "/openApi";
 
-/// The endpoint of an OpenAPI path: `/openApi/runJob` → `runJob`, `/pj/openApi/runJob` → `runJob`.
-///
-/// Any prefix before `/openApi` is allowed because the client builds URLs as `{address}/openApi/{path}` and an
-/// address may carry a path (`host:port/prefix`). Returns `None` for everything that is not under `/openApi/`.
-pub fn openapi_endpoint(path: &str) -> Option<&str> {
-    let at = path.find("/openApi/")?;
-    let rest = &path[at + "/openApi/".len()..];
-    (!rest.is_empty()).then_some(rest)
+/// The path's segments as the server reads them (Tomcat, then Spring MVC): `%XX` decoded, each segment's
+/// `;params` cut, empty and `.` segments skipped, `..` going up one. A backslash separates too: reading more
+/// paths as OpenAPI ones is the safe side for a guard.
+pub fn served_segments(path: &str) -> Vec<String> {
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    let mut segments = Vec::new();
+    for segment in decoded.split(['/', '\\']) {
+        match segment.split(';').next().unwrap_or("") {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            segment => segments.push(segment.to_string()),
+        }
+    }
+    segments
+}
+
+/// The OpenAPI endpoint (`runJob`, `authApp`, …) that a request for `path` reaches on the server: the last of
+/// [`served_segments`] when an `openApi` segment comes before it. Any prefix before `/openApi` is allowed,
+/// because the client builds URLs as `{address}/openApi/{path}` and an address may carry a path. So
+/// `/pj/openApi/runJob/`, `/%6FpenApi/run%4Aob` and `/x/../openApi;a=b/runJob` all reach `runJob`, and runonce
+/// must guard them all. A plain path (the usual case) is read without allocating.
+pub fn served_endpoint(path: &str) -> Option<Cow<'_, str>> {
+    let plain = !path.contains(['%', ';', '\\']) && !path.contains("//") && !path.contains("/.");
+    if plain {
+        let mut segments = path.trim_end_matches('/').rsplit('/');
+        let endpoint = segments.next().filter(|e| !e.is_empty())?;
+        return (segments.next() == Some("openApi")).then_some(Cow::Borrowed(endpoint));
+    }
+    let mut segments = served_segments(path);
+    let endpoint = segments.pop()?;
+    (segments.last().map(String::as_str) == Some("openApi")).then_some(Cow::Owned(endpoint))
 }
 
 /// Whether a request header value counts as present: the server treats `null` and `undefined` as absent.
@@ -68,11 +95,31 @@ mod tests {
 
     #[test]
     fn endpoint_allows_a_prefix_and_rejects_other_paths() {
-        assert_eq!(openapi_endpoint("/openApi/runJob"), Some("runJob"));
-        assert_eq!(openapi_endpoint("/pj/openApi/runJob"), Some("runJob"));
-        assert_eq!(openapi_endpoint("/openApi/"), None);
-        assert_eq!(openapi_endpoint("/openApiX/runJob"), None);
-        assert_eq!(openapi_endpoint("/server/hello"), None);
+        let endpoint = |path| served_endpoint(path).map(Cow::into_owned);
+        for path in [
+            "/openApi/runJob",
+            "/pj/openApi/runJob",
+            "/openApi/runJob/",
+            "/openApi/runJob;jsessionid=1",
+            "/openApi;a=b/runJob",
+            "/%6FpenApi/run%4Aob",
+            "//openApi//runJob//",
+            "/x/../openApi/./runJob",
+            "/openApi\\runJob",
+        ] {
+            assert_eq!(endpoint(path).as_deref(), Some("runJob"), "{path}");
+        }
+        for path in [
+            "/openApi/",
+            "/openApi",
+            "/openApiX/runJob",
+            "/server/hello",
+            "/openApi/runJob/x",
+            "/openApi/runJob/..",
+            "/",
+        ] {
+            assert_eq!(endpoint(path), None, "{path}");
+        }
     }
 
     #[test]

@@ -55,18 +55,8 @@ pub enum Scope {
 impl Scope {
     /// The scope of `path` (the request target's path, as sent).
     pub fn of(path: &str) -> Scope {
-        let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
-        let mut segments: Vec<&str> = Vec::new();
-        // A backslash separates too: over-inclusive is the safe side.
-        for segment in decoded.split(['/', '\\']) {
-            match segment.split(';').next().unwrap_or("") {
-                "" | "." => {}
-                ".." => {
-                    segments.pop();
-                }
-                segment => segments.push(segment),
-            }
-        }
+        let segments = powerjob::served_segments(path);
+        let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
         if !segments.contains(&"openApi") {
             return Scope::Outside;
         }

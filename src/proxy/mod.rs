@@ -142,12 +142,13 @@ impl Proxy {
                 limit: self.body_limit,
             });
         }
-        let endpoint = powerjob::openapi_endpoint(parts.uri.path());
-        if endpoint == Some(powerjob::AUTH_APP) {
+        // The endpoint as the server will read the path, so that no spelling of `runJob` gets past the guard.
+        let endpoint = powerjob::served_endpoint(parts.uri.path());
+        if endpoint.as_deref() == Some(powerjob::AUTH_APP) {
             self.guard.note_auth(client.ip());
         }
         let repair = self.auth_header == AuthHeader::Repair && endpoint.is_some();
-        let route = self.guard.route(&parts.method, parts.uri.path());
+        let route = endpoint.and_then(|endpoint| self.guard.route(&parts.method, &endpoint));
         headers::remove_hop_by_hop(&mut parts.headers);
         headers::add_forwarded(&mut parts.headers, client.ip(), self.scheme);
         // The parts keep their extensions: hyper's record of the client's header-name case goes upstream too.

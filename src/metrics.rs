@@ -102,6 +102,8 @@ pub struct Metrics {
     requests: Family<RouteRole, Counter>,
     /// `requests{route="other",role="passthrough"}`, resolved once.
     passthrough: Counter,
+    /// `requests{route="other",role="rejected"}`: refused before routing.
+    rejected: Counter,
     /// Duplicates that did not reach the server: waiters, hits, and duplicates refused because of an unknown or
     /// still-running call.
     pub duplicates_suppressed: Counter,
@@ -155,6 +157,12 @@ impl Metrics {
             .get_or_create(&RouteRole {
                 route: RouteName(Arc::from(PASSTHROUGH_ROUTE)),
                 role: Role::passthrough,
+            })
+            .clone();
+        let rejected = requests
+            .get_or_create(&RouteRole {
+                route: RouteName(Arc::from(PASSTHROUGH_ROUTE)),
+                role: Role::rejected,
             })
             .clone();
         let duplicates_suppressed = Counter::default();
@@ -235,6 +243,7 @@ impl Metrics {
             registry,
             requests,
             passthrough,
+            rejected,
             duplicates_suppressed,
             upstream_guarded,
             upstream_passthrough,
@@ -267,6 +276,11 @@ impl Metrics {
     /// Counts one pass-through request.
     pub fn passthrough(&self) {
         self.passthrough.inc();
+    }
+
+    /// Counts one request refused before it was routed (head limits, access rules, `CONNECT`, body limits).
+    pub fn rejected(&self) {
+        self.rejected.inc();
     }
 
     pub fn upstream_guarded(&self, route: &Arc<str>, took: Duration) {

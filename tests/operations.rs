@@ -81,6 +81,21 @@ async fn metrics_count_a_known_traffic_mix() {
     let bad = run_job(addr, FORM, &too_long).await;
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("RUNONCE_BAD_IDEMPOTENCY_KEY"));
+    // Refused before routing: a CONNECT and a body declared over the limit.
+    let connect = raw(
+        addr,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(connect.status, 405, "{}", connect.text());
+    let huge = raw(
+        addr,
+        b"POST /openApi/runJob HTTP/1.1\r\nHost: t\r\nContent-Length: 999999999\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(huge.status, 413, "{}", huge.text());
     assert_eq!(instances(&mock).await, 2);
 
     let text = scrape(admin).await;
@@ -90,6 +105,7 @@ async fn metrics_count_a_known_traffic_mix() {
         (requests("runJob", "hit"), 1.0),
         (requests("runJob", "waiter"), 1.0),
         (requests("runJob", "rejected"), 1.0),
+        (requests("other", "rejected"), 2.0),
         ("runonce_duplicates_suppressed_total".into(), 2.0),
         ("runonce_upstream_failovers_total".into(), 1.0),
         // The mock (5.1.0) sends no auth header: each of the 4 answers from upstream was repaired.

@@ -112,35 +112,39 @@ impl Proxy {
         request: Request<Incoming>,
         client: SocketAddr,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        self.check_head(&request)?;
+        // A request refused before it is routed counts as `rejected` on route `other` (the engine counts its
+        // own); an access refusal's one log line (the rescue's) names who was refused.
+        let refused = |err: ProxyError| {
+            crate::metrics::get().rejected();
+            match err {
+                ProxyError::Forbidden { code, reason } => ProxyError::Forbidden {
+                    code,
+                    reason: format!("{reason} (client {})", client.ip()),
+                },
+                other => other,
+            }
+        };
+        self.check_head(&request).map_err(refused)?;
         let (mut parts, body) = request.into_parts();
         // Refused callers learn nothing else about the request.
         let scope = access::Scope::of(parts.uri.path());
-        // The refusal's one log line (the rescue's) names who was refused.
-        let refused = |err: ProxyError| match err {
-            ProxyError::Forbidden { code, reason } => ProxyError::Forbidden {
-                code,
-                reason: format!("{reason} (client {})", client.ip()),
-            },
-            other => other,
-        };
         self.access
             .check_head(client.ip(), scope, &parts.headers)
             .map_err(refused)?;
         self.access.remove_secret(&mut parts.headers);
         if parts.method == Method::CONNECT {
-            return Err(ProxyError::Method {
+            return Err(refused(ProxyError::Method {
                 method: parts.method,
-            });
+            }));
         }
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.body_limit) {
-            return Err(ProxyError::BodyTooLarge {
+            return Err(refused(ProxyError::BodyTooLarge {
                 limit: self.body_limit,
-            });
+            }));
         }
         // The endpoint as the server will read the path, so that no spelling of `runJob` gets past the guard.
         let endpoint = powerjob::served_endpoint(parts.uri.path());
@@ -161,7 +165,7 @@ impl Proxy {
         };
         // Guarded routes, and any OpenAPI request while `allow_apps` is on, are read whole first.
         let body = if route.is_some() || self.access.reads_body(scope) {
-            let bytes = self.read_body(body).await?;
+            let bytes = self.read_body(body).await.map_err(refused)?;
             self.access
                 .check_apps(scope, &parts, &bytes)
                 .map_err(refused)?;

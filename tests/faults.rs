@@ -277,6 +277,38 @@ async fn redis_paused_longer_than_the_lease() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_store_missed_is_recorded_when_it_comes_back_within_the_lease() {
+    let redis = RedisServer::start();
+    let mock = mock("v5.1.1-auth-off", 1500);
+    let proxy = guarded_proxy(
+        &mock,
+        &redis.url(),
+        &["--store-timeout", "300ms", "--lease", "6s"],
+    );
+    let addr = proxy.addr("proxy");
+    let leader = tokio::spawn(run_job(addr, 21));
+    until_created(mock.addr("mock"), 21).await;
+    // Redis freezes while the call runs: the leader's answer cannot be stored when it comes.
+    redis.pause();
+    let led = leader.await.unwrap().expect("the leader answered");
+    assert_eq!(
+        led.status,
+        200,
+        "the client gets the server's answer at once: {}",
+        led.text()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.resume();
+    // Well within the 6 s lease: the retried write lands, and a duplicate gets the answer, not 409 unknown.
+    let again = run_job(addr, 21).await.expect("answered");
+    assert_eq!(again.status, 200, "{}", again.text());
+    assert_eq!(again.exact("Idempotent-Replayed"), Some("true"));
+    assert_eq!(again.json().unwrap()["data"], led.json().unwrap()["data"]);
+    let stats = mock_stats(mock.addr("mock")).await;
+    assert_eq!(stats["instances_by_job"]["21"], 1, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_killed_mid_call_and_restarted() {
     let redis = RedisServer::start();
     let mut mock = mock("v5.1.1-auth-off", 4000);

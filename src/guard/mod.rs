@@ -498,7 +498,7 @@ impl Guard {
         seen: &mut Seen,
     ) -> (metrics::Outcome, Result<Led, ProxyError>) {
         let metrics = metrics::get();
-        let (key, window) = (&call.key, call.info.window);
+        let key = &call.key;
         // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
         let (parts, body) = (call.parts.clone(), call.body.clone());
         let renew = async {
@@ -553,7 +553,7 @@ impl Guard {
                     led.stored = true;
                     (
                         metrics::Outcome::done,
-                        store.complete(key, token, &stored, window).await,
+                        self.record(store, call, token, Verdict::Done(stored)).await,
                         Ok(led),
                     )
                 }
@@ -561,7 +561,7 @@ impl Guard {
                     tracing::debug!(key = key.prefix(), why, "released");
                     (
                         metrics::Outcome::released,
-                        store.release(key, token).await,
+                        self.record(store, call, token, Verdict::Release).await,
                         Ok(led),
                     )
                 }
@@ -573,7 +573,7 @@ impl Guard {
                     );
                     (
                         metrics::Outcome::unknown,
-                        store.mark_unknown(key, token, window).await,
+                        self.record(store, call, token, Verdict::Unknown).await,
                         Ok(led),
                     )
                 }
@@ -588,13 +588,13 @@ impl Guard {
                 );
                 (
                     metrics::Outcome::unknown,
-                    store.mark_unknown(key, token, window).await,
+                    self.record(store, call, token, Verdict::Unknown).await,
                     Err(err),
                 )
             }
             Err(err) => (
                 metrics::Outcome::released,
-                store.release(key, token).await,
+                self.record(store, call, token, Verdict::Release).await,
                 Err(err),
             ),
         };
@@ -607,7 +607,7 @@ impl Guard {
             ),
             Err(err) => {
                 metrics.store_errors.inc();
-                tracing::warn!(key = key.prefix(), %err, "outcome not recorded; the lease will run out and the key turn unknown");
+                tracing::warn!(key = key.prefix(), %err, "outcome not recorded yet; retrying while the lease lasts, else the key turns unknown");
             }
         }
         let result = result.map(|mut led| {
@@ -615,6 +615,53 @@ impl Guard {
             led
         });
         (outcome, result)
+    }
+
+    /// Records a leader's verdict on its key. When the store fails, the answer goes to the client at once and
+    /// the write is retried in the background (tracked, so shutdown waits for it) until it lands or the lease
+    /// runs out: the store's scripts are fenced by the token and the lease, so a late retry can never
+    /// overwrite another leader's record. Without the retry, a store blip at the end of a call would leave the
+    /// key to turn unknown, and every duplicate in the window would get 409 instead of the answer.
+    async fn record(
+        &self,
+        store: &AnyStore,
+        call: &Call,
+        token: &str,
+        verdict: Verdict,
+    ) -> Result<bool, StoreError> {
+        let (key, window) = (&call.key, call.info.window);
+        let first = verdict.write(store, key, token, window).await;
+        if first.is_ok() {
+            return first;
+        }
+        let deadline = Instant::now() + self.lease;
+        let (store, key, token) = (store.clone(), key.clone(), token.to_string());
+        let cut_off = self.cut_off.clone();
+        self.tracker.spawn(async move {
+            let mut pause = Duration::from_millis(100);
+            while Instant::now() + pause < deadline {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = cut_off.cancelled() => return,
+                }
+                match verdict.write(&store, &key, &token, window).await {
+                    Ok(recorded) => {
+                        tracing::info!(key = key.prefix(), recorded, "outcome recorded on a retry");
+                        return;
+                    }
+                    Err(err) => {
+                        metrics::get().store_errors.inc();
+                        tracing::debug!(key = key.prefix(), %err, "outcome retry failed");
+                    }
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            tracing::warn!(
+                key = key.prefix(),
+                "outcome not recorded before the lease ran out; the key turns unknown"
+            );
+        });
+        first
     }
 
     /// Sends a buffered request upstream and reads the whole answer.
@@ -843,4 +890,30 @@ fn render_head(parts: &response::Parts) -> Bytes {
     }
     head.push_str("\r\n");
     Bytes::from(head)
+}
+
+/// What a leader's call left on its key.
+enum Verdict {
+    /// An answer to keep for the window.
+    Done(Stored),
+    /// Nothing was created: the key is free again.
+    Release,
+    /// The server may have acted: kept, never re-sent.
+    Unknown,
+}
+
+impl Verdict {
+    async fn write(
+        &self,
+        store: &AnyStore,
+        key: &Key,
+        token: &str,
+        window: Duration,
+    ) -> Result<bool, StoreError> {
+        match self {
+            Verdict::Done(stored) => store.complete(key, token, stored, window).await,
+            Verdict::Release => store.release(key, token).await,
+            Verdict::Unknown => store.mark_unknown(key, token, window).await,
+        }
+    }
 }

@@ -476,7 +476,10 @@ mod tests {
         };
         assert_eq!(kept, response);
         let inside = |b: &Bytes| buffer.as_ptr_range().contains(&b.as_ptr());
-        assert!(!inside(&kept.head) && !inside(&kept.body), "copied out of the buffer");
+        assert!(
+            !inside(&kept.head) && !inside(&kept.body),
+            "copied out of the buffer"
+        );
     }
 
     #[tokio::test(start_paused = true)]

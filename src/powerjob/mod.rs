@@ -27,8 +27,14 @@ pub const WEB_PATH: &str = "/openApi";
 /// Any prefix before `/openApi` is allowed because the client builds URLs as `{address}/openApi/{path}` and an
 /// address may carry a path (`host:port/prefix`). Returns `None` for everything that is not under `/openApi/`.
 pub fn openapi_endpoint(path: &str) -> Option<&str> {
-    let at = path.find("/openApi/")?;
-    let rest = &path[at + "/openApi/".len()..];
+    const MARK: &str = "/openApi/";
+    // At the slashes rather than with `str::find`, whose substring searcher took longer to set up than the
+    // search itself (callgrind); this runs twice per forwarded request. The first match either way.
+    let at = path
+        .match_indices('/')
+        .map(|(at, _)| at)
+        .find(|&at| path[at..].starts_with(MARK))?;
+    let rest = &path[at + MARK.len()..];
     (!rest.is_empty()).then_some(rest)
 }
 
@@ -73,6 +79,11 @@ mod tests {
         assert_eq!(openapi_endpoint("/openApi/"), None);
         assert_eq!(openapi_endpoint("/openApiX/runJob"), None);
         assert_eq!(openapi_endpoint("/server/hello"), None);
+        assert_eq!(
+            openapi_endpoint("/open/openApi/a/openApi/b"),
+            Some("a/openApi/b")
+        );
+        assert_eq!(openapi_endpoint("openApi/runJob"), None);
     }
 
     #[test]

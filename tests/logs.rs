@@ -2,7 +2,7 @@
 
 mod support;
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 #[test]
@@ -22,25 +22,39 @@ fn logs_to_a_file_carry_no_colour_codes() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn runonce");
-    // The `listening …` line comes after the start-up log line; then stop and read what was logged.
-    let mut stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = [0u8; 256];
-        let n = stdout.read(&mut line).unwrap_or(0);
-        let _ = tx.send(String::from_utf8_lossy(&line[..n]).into_owned());
-    });
-    let line = rx.recv_timeout(support::STEP).unwrap_or_default();
+    // Each stream on a thread of its own, so a process that never writes cannot hang the test.
+    let lines = |stream: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        rx
+    };
+    let stdout = lines(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = lines(Box::new(child.stderr.take().expect("stderr")));
+    let line = stdout.recv_timeout(support::STEP).unwrap_or_default();
     assert!(line.starts_with("listening "), "did not start: {line:?}");
+    // The start-up line is logged just after `listening …` is printed.
+    let mut logged = Vec::new();
+    while let Ok(line) = stderr.recv_timeout(support::STEP) {
+        let done = line.contains("runonce serving");
+        logged.push(line);
+        if done {
+            break;
+        }
+    }
     let _ = child.kill();
-    let mut logged = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut logged)
-        .expect("read stderr");
     let _ = child.wait();
-    assert!(logged.contains("runonce serving"), "{logged:?}");
-    assert!(!logged.contains('\u{1b}'), "colour codes in {logged:?}");
+    assert!(
+        logged.iter().any(|l| l.contains("runonce serving")),
+        "{logged:?}"
+    );
+    assert!(
+        !logged.iter().any(|l| l.contains('\u{1b}')),
+        "colour codes in {logged:?}"
+    );
 }

@@ -1,7 +1,8 @@
 # The two commands the README promises; both do their own set-up on a fresh machine.
 #   make demo   the main job: the 5.1.0 client's double runJob, direct vs through runonce
 #   make test   fmt check, clippy -D warnings, every test
-.PHONY: demo test setup build
+# And the load benchmark (minutes; figures into BENCHMARKS.md): make bench
+.PHONY: demo test setup build bench
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +17,6 @@ test: setup
 
 build: setup
 	cargo build --release
+
+bench: setup
+	bash bench/run.sh

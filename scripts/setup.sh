@@ -29,6 +29,11 @@ fi
 # tests/deploy.rs: python3 and pip, for kubernetes-validate (below) and its PyYAML.
 command -v python3 >/dev/null 2>&1 || packages+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+# The load benchmark (bench/run.sh, smoke-tested by tests/bench_smoke.rs): wrk drives the load, nginx is the
+# upstream and the peer proxy (run from a temporary prefix, never as the system service), ss finds free ports.
+command -v wrk >/dev/null 2>&1 || packages+=(wrk)
+command -v nginx >/dev/null 2>&1 || packages+=(nginx-light)
+command -v ss >/dev/null 2>&1 || packages+=(iproute2)
 if [ "${#packages[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2
@@ -37,7 +42,8 @@ if [ "${#packages[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${packages[@]}"
-  # Debian's package starts a system Redis on 6379; the tests never use it, and leave it be.
+  # Debian's packages start a system Redis on 6379 and a system nginx on 80; the tests use neither, and leave
+  # them be.
 fi
 # kubernetes-validate bundles the Kubernetes schemas, so tests/deploy.rs runs offline once it is installed.
 # Into the active python (a venv, pyenv), else per user; Debian's own python refuses a per-user install too

@@ -18,6 +18,7 @@
 //! When the store fails, the route's policy answers: `fail-closed` (503) or `fail-open` (an in-process store).
 
 pub mod auth;
+pub mod heads;
 pub mod key;
 pub mod outcome;
 pub mod routes;
@@ -43,6 +44,7 @@ use crate::proxy::tap::Arm;
 use crate::proxy::upstream::Upstreams;
 use crate::store::memory::MemoryStore;
 use crate::store::{AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use heads::Heads;
 use outcome::Outcome;
 use routes::{Route, Routes};
 
@@ -74,6 +76,8 @@ pub struct Guard {
     /// When each client address last called `/authApp` (the 5.1.0 re-send signature). Only noted when the
     /// auth header is not repaired: with the repair the 5.1.0 client never re-sends.
     auth_calls: Option<Mutex<HashMap<IpAddr, Instant>>>,
+    /// Parsed heads of stored answers, for replays.
+    heads: Heads,
     /// Every guarded request's decision task, so that shutdown can wait for leaders to finish.
     tracker: TaskTracker,
     /// Cancelled when the drain time runs out: leaders still waiting for the upstream stop and mark their key
@@ -162,6 +166,7 @@ impl Guard {
             lease: settings.lease.0,
             auth_calls: (settings.auth_header == AuthHeader::Preserve)
                 .then(|| Mutex::new(HashMap::new())),
+            heads: Heads::default(),
             tracker: TaskTracker::new(),
             cut_off: CancellationToken::new(),
         }
@@ -400,7 +405,7 @@ impl Guard {
                         }
                         let mark =
                             (!delivered).then(|| (store.clone(), call.key.clone(), record.owner));
-                        return Ok(replay(response, mark).await);
+                        return Ok(replay(&self.heads, response, mark).await);
                     }
                     metrics::get().new_calls_after_delivery.inc();
                     tracing::info!(route = %call.route.name, key = call.key.prefix(), "identical call after a delivered answer: a new call");
@@ -812,31 +817,13 @@ fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
 
 /// A stored answer as the client receives it: its head as the server sent it, plus `Idempotent-Replayed`.
 /// `mark` records the delivery when this answer was never delivered before.
-async fn replay(stored: Stored, mark: Option<(AnyStore, Key, String)>) -> Response<Answer> {
-    // The head without its blank line (CRLF or a bare LF, as the server wrote it), plus our header.
-    let head = &stored.head[..];
-    let end = head.len()
-        - head
-            .iter()
-            .rev()
-            .take_while(|b| matches!(b, b'\r' | b'\n'))
-            .count();
-    let mut with_flag = Vec::with_capacity(end + 32);
-    with_flag.extend_from_slice(&head[..end]);
-    with_flag.extend_from_slice(format!("\r\n{REPLAYED}: true\r\n\r\n").as_bytes());
-    let parsed = tokio::time::timeout(
-        Duration::from_secs(1),
-        headers::parse_response_head(&with_flag),
-    )
-    .await;
-    let parts = match parsed
-        .map_err(|_| "timed out".to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()))
-    {
-        Ok(mut parts) => {
-            headers::remove_hop_by_hop(&mut parts.headers);
-            parts
-        }
+async fn replay(
+    heads: &Heads,
+    stored: Stored,
+    mark: Option<(AnyStore, Key, String)>,
+) -> Response<Answer> {
+    let parts = match heads.replayed(&stored.head).await {
+        Ok(parts) => parts,
         // Stored heads were parsed by hyper once already; this is a safety net, not a path.
         Err(err) => {
             tracing::warn!(%err, "stored head does not parse; replaying with a minimal head");

@@ -28,6 +28,9 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 /// Drops hop-by-hop headers, including every header that `Connection` names. `Transfer-Encoding` goes too:
 /// hyper frames the message again on the other side.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the names the message has, then removals of those present only: cheaper than a hashed
+    // removal of each of ours (two calls per forwarded request, 5% of its instructions in callgrind). Most
+    // requests carry none of them; most answers carry `Connection: keep-alive` alone.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -35,10 +38,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
         .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    let present: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            *name == header::TRANSFER_ENCODING || HOP_BY_HOP.contains(name) || named.contains(name)
+        })
+        .cloned()
+        .collect();
+    for name in present {
         headers.remove(name);
     }
-    headers.remove(header::TRANSFER_ENCODING);
 }
 
 /// Appends the client's address to `X-Forwarded-For` and sets `X-Forwarded-Proto` when no hop before us did.
@@ -141,6 +150,21 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-powerjob-app-id"));
+    }
+
+    #[test]
+    fn each_hop_by_hop_header_goes_on_its_own() {
+        for name in HOP_BY_HOP.into_iter().chain([header::TRANSFER_ENCODING]) {
+            let mut h = HeaderMap::new();
+            h.insert(name.clone(), HeaderValue::from_static("x"));
+            h.insert("x-powerjob-app-id", HeaderValue::from_static("1"));
+            remove_hop_by_hop(&mut h);
+            assert_eq!(h.len(), 1, "{name} kept: {h:?}");
+        }
+        let mut h = HeaderMap::new();
+        h.insert("x-powerjob-app-id", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "an end-to-end header goes nowhere");
     }
 
     #[test]

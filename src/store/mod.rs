@@ -58,14 +58,17 @@ impl std::fmt::Display for Key {
 }
 
 /// Lowercase hex of `bytes`.
+///
+/// By table rather than `write!("{b:02x}")`: a guarded request hexes several digests, and the formatter made
+/// this a tenth of a replay's instructions (callgrind).
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// A stored answer, replayed as it came: the head's bytes keep the header names' case.
@@ -378,6 +381,12 @@ mod tests {
         assert_eq!(Key::parse(&key.as_str().to_uppercase()), None);
         assert_eq!(Key::parse("abc"), None);
         assert_eq!(key.prefix(), "abababababab");
+    }
+
+    #[test]
+    fn hex_is_two_lowercase_digits_per_byte() {
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xf0, 0xff]), "000fa5f0ff");
+        assert_eq!(hex(&[]), "");
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub struct Metrics {
     pub store_errors: Counter,
     pub upstream_failovers: Counter,
     outcomes: Family<OutcomeLabel, Counter>,
+    /// Delivered answers the memory store evicted early to make room.
+    pub memory_evictions: Counter,
     /// `Idempotency-Key` reused with another payload (422).
     pub key_mismatches: Counter,
     /// Identical calls after a delivered answer that ran as new calls.
@@ -221,6 +223,12 @@ impl Metrics {
             "How leaders' calls ended: done (answer stored), released (nothing created), unknown",
             outcomes.clone(),
         );
+        let memory_evictions = Counter::default();
+        registry.register(
+            "memory_evictions",
+            "Delivered answers the memory store dropped before their window ended, to stay within memory_max_keys",
+            memory_evictions.clone(),
+        );
         let key_mismatches = Counter::default();
         registry.register(
             "idempotency_key_mismatches",
@@ -254,6 +262,7 @@ impl Metrics {
             upstream_failovers,
             outcomes,
             key_mismatches,
+            memory_evictions,
             new_calls_after_delivery,
             reloads,
         }

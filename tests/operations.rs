@@ -131,6 +131,24 @@ async fn metrics_count_a_known_traffic_mix() {
 }
 
 #[tokio::test]
+async fn a_full_memory_store_evicts_only_delivered_answers_and_counts_them() {
+    let mock = mock("v5.1.1-auth-off", 0);
+    let proxy = proxy(&[url(mock.addr("mock"))], &["--memory-max-keys", "2"]);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    for job in 1..=3 {
+        let answer = run_job(addr, &format!("jobId={job}&appId=1"), "").await;
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    // The third claim found two delivered answers and dropped the oldest.
+    let text = scrape(admin).await;
+    assert_eq!(
+        sample(&text, "runonce_memory_evictions_total"),
+        1.0,
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn store_errors_are_counted_and_no_secret_reaches_the_log() {
     let mock = mock("v5.1.1-auth-off", 0);
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

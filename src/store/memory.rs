@@ -354,7 +354,10 @@ impl Inner {
             })
             .map(|(_, key)| key.clone());
         match victim {
-            Some(key) => self.remove(&key),
+            Some(key) => {
+                crate::metrics::get().memory_evictions.inc();
+                self.remove(&key)
+            }
             None => false,
         }
     }

@@ -45,7 +45,7 @@ if [ -z "$OUT" ] && [ "$SMOKE" = 0 ]; then OUT="$ROOT/BENCHMARKS.md"; fi
 CONNS=32
 CONNS_HIGH=256
 THREADS=2
-# The soak runs at the defaults: the memory store fills to memory_max_keys (10 000) within its first seconds,
+# The soak runs at the defaults: the memory store fills to memory_max_keys (8 000) within its first seconds,
 # then makes room by evicting delivered answers. Growth is measured from this many seconds in.
 SOAK_SETTLED=10s
 SOAK_SAMPLE=5

@@ -339,7 +339,13 @@ impl Guard {
             key,
             info: ClaimInfo {
                 fingerprint: fingerprint.to_string(),
-                fields: key::field_digests(&payload),
+                // Only an Idempotency-Key can come back with another payload (a fingerprint key is the
+                // payload), so only its record keeps the field digests that name what differs (422).
+                fields: if client_key.is_some() {
+                    key::field_digests(&payload)
+                } else {
+                    String::new()
+                },
                 credential: auth::credential(&parts.headers),
                 lease: self.lease,
                 window,

@@ -5,5 +5,6 @@ if r[1] ~= 'done' or r[2] ~= ARGV[1] then
   return 0
 end
 redis.call('HSET', record_key, 'delivered', '1')
-changed('delivered')
+-- No PUBLISH: nobody waits for a done record to be delivered (waiters wait for in-flight ones to settle), and
+-- a message per request would cost every replica's listener.
 return 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runonce load benchmark: every scenario against every system in one run, on this machine, loopback only.
 #
-#   bench/run.sh                 full run (about 4 minutes), table on stdout and in BENCHMARKS.md
+#   bench/run.sh                 full run (about 5 minutes), table on stdout and in BENCHMARKS.md
 #   bench/run.sh --smoke         a few seconds per row, no soak worth the name; for tests/bench_smoke.rs
 #
 # Options:
@@ -45,7 +45,7 @@ if [ -z "$OUT" ] && [ "$SMOKE" = 0 ]; then OUT="$ROOT/BENCHMARKS.md"; fi
 CONNS=32
 CONNS_HIGH=256
 THREADS=2
-# The soak runs at the defaults: the memory store fills to memory_max_keys (8 000) within its first seconds,
+# The soak runs at the defaults: the memory store fills to memory_max_keys (6 000) within its first seconds,
 # then makes room by evicting delivered answers. Growth is measured from this many seconds in.
 SOAK_SETTLED=10s
 SOAK_SAMPLE=5

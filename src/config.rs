@@ -139,7 +139,7 @@ settings! {
     /// Longest a single store operation (one Redis round trip) may take before it counts as a store error.
     store_timeout: Dur = Dur::secs(1), flag "store-timeout";
     /// Most records the memory store holds; settled ones closest to expiry make room.
-    memory_max_keys: Count = Count(8_000), flag "memory-max-keys";
+    memory_max_keys: Count = Count(6_000), flag "memory-max-keys";
     /// When the store fails on a guarded route: `fail-closed` (503, nothing forwarded) or `fail-open` (forward,
     /// de-duplicating within this process only). Routes may override it.
     on_store_error: OnStoreError = OnStoreError::FailClosed, flag "on-store-error";

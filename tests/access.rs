@@ -164,19 +164,9 @@ async fn only_allowed_networks_are_served_on_every_path() {
 #[tokio::test]
 async fn the_shared_secret_is_required_on_openapi_and_never_forwarded() {
     let mock = mock("v5.1.1-auth-off", 0);
-    let upstream = url(mock.addr("mock"));
+    let upstreams = [url(mock.addr("mock"))];
     let proxy = Process::start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &upstream,
-            "--shared-secret-header",
-            "X-Runonce-Secret",
-        ],
+        &proxy_args(&upstreams, &["--shared-secret-header", "X-Runonce-Secret"]),
         &[("RUNONCE_SHARED_SECRET", SECRET)],
     );
     let p = proxy.addr("proxy");
@@ -221,13 +211,7 @@ async fn the_shared_secret_is_required_on_openapi_and_never_forwarded() {
     )
     .await;
     assert_eq!(console.status, 404, "the mock's own answer");
-    let requests = runonce::rawhttp::exchange(
-        mock.addr("mock"),
-        b"GET /mock/requests HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
-        STEP,
-    )
-    .await
-    .unwrap();
+    let requests = mock_requests(mock.addr("mock")).await;
     let seen = requests.text();
     assert!(
         seen.contains("/openApi/runJob") && seen.contains("/index.html"),

@@ -131,13 +131,7 @@ async fn run_job_over_tls_gets_http11_and_the_exact_case_auth_header() {
     assert!(body.contains(r#""success":true"#), "{body}");
     assert_eq!(mock_stats(mock.addr("mock")).await["instances"], 1);
     // The upstream learnt that the client spoke TLS.
-    let requests = runonce::rawhttp::exchange(
-        mock.addr("mock"),
-        b"GET /mock/requests HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
-        STEP,
-    )
-    .await
-    .unwrap();
+    let requests = mock_requests(mock.addr("mock")).await;
     assert_eq!(
         requests.json().unwrap()[0]["headers"]["x-forwarded-proto"],
         "https"

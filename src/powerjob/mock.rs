@@ -799,46 +799,12 @@ fn is_form(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Decodes `application/x-www-form-urlencoded` pairs; a name without `=` gets an empty value.
+/// Decodes `application/x-www-form-urlencoded` pairs leniently, as Spring does: a name without `=` gets an
+/// empty value, a `%` not followed by two hex digits stays as it is, invalid UTF-8 is replaced.
 fn parse_form(encoded: &str) -> Vec<(String, String)> {
-    encoded
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (form_decode(name), form_decode(value))
-        })
+    form_urlencoded::parse(encoded.as_bytes())
+        .map(|(name, value)| (name.into_owned(), value.into_owned()))
         .collect()
-}
-
-/// `+` is a space and `%XX` a byte; the bytes are read as UTF-8, invalid sequences replaced. A `%` not followed
-/// by two hex digits stays as it is, as lenient decoders do.
-fn form_decode(component: &str) -> String {
-    let bytes = component.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = bytes.get(i + 1..i + 3).and_then(|h| {
-                    std::str::from_utf8(h)
-                        .ok()
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                });
-                match hex {
-                    Some(byte) => {
-                        out.push(byte);
-                        i += 2;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn parse_json(body: &[u8]) -> Result<Value, Failure> {
@@ -1551,10 +1517,11 @@ mod tests {
 
     #[test]
     fn form_decoding() {
-        assert_eq!(form_decode("%7B%22k%22%3A%22v%20w%22%7D"), r#"{"k":"v w"}"#);
-        assert_eq!(form_decode("a+b%2Bc"), "a b+c");
-        assert_eq!(form_decode("%E4%BD%A0%zz%4"), "你%zz%4");
-        assert_eq!(form_decode("%FF"), "\u{FFFD}");
+        let value = |encoded: &str| parse_form(&format!("k={encoded}"))[0].1.clone();
+        assert_eq!(value("%7B%22k%22%3A%22v%20w%22%7D"), r#"{"k":"v w"}"#);
+        assert_eq!(value("a+b%2Bc"), "a b+c");
+        assert_eq!(value("%E4%BD%A0%zz%4"), "你%zz%4");
+        assert_eq!(value("%FF"), "\u{FFFD}");
         assert_eq!(
             parse_form("jobId=5&&flag&instanceParams=x%3Dy"),
             vec![

@@ -230,6 +230,16 @@ pub fn form_post(path: &str, body: &str, extra_headers: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// The mock's `/mock/requests`: every request it saw, as JSON.
+pub async fn mock_requests(mock: SocketAddr) -> RawResponse {
+    raw(
+        mock,
+        b"GET /mock/requests HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("the mock's request log")
+}
+
 /// The mock's `/mock/stats` JSON.
 pub async fn mock_stats(mock: SocketAddr) -> serde_json::Value {
     runonce::powerjob::mock::fetch_stats(mock, STEP)

@@ -91,12 +91,16 @@ trap 'exit 130' INT TERM
 
 # ---- processes ---------------------------------------------------------------------------------------------
 
-# A loopback port nothing listens on (a race with other programs is possible; the start then fails loudly).
+# A loopback port nothing listens on, below the kernel's ephemeral range: a port in that range may be the local
+# end of one of wrk's connections at any moment, and then a listener cannot bind it. (A race with other programs
+# is still possible; the start then fails loudly.)
 free_port() {
-  local used port
-  used="$(ss -Htln | awk '{print $4}' | sed 's/.*://')"
+  local used port low
+  low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+  [ "$low" -gt 11000 ] 2>/dev/null || low=32768
+  used="$(ss -Htan | awk '{print $4}' | sed 's/.*://')"
   while :; do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % (low - 10000)))
     grep -qx "$port" <<<"$used" || { echo "$port"; return; }
   done
 }

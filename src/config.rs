@@ -123,11 +123,14 @@ settings! {
     header_read_timeout: Dur = Dur::secs(10), flag "header-read-timeout";
     /// Most client connections at once; further ones wait in the listen backlog.
     max_connections: Count = Count(10_000), flag "max-connections";
+    /// Threads serving client connections, each with its own upstream connections (thread-per-core); 0: one per
+    /// CPU core.
+    workers: Count = Count(0), flag "workers";
     /// Time to open a connection to one upstream before trying the next.
     connect_timeout: Dur = Dur::secs(1), flag "connect-timeout";
     /// Time an upstream has to answer (response head) once the request was sent: 504 after it, never re-sent.
     upstream_timeout: Dur = Dur::secs(30), flag "upstream-timeout";
-    /// Idle keep-alive connections kept per upstream.
+    /// Idle keep-alive connections kept per upstream and worker thread.
     upstream_max_idle: Count = Count(256), flag "upstream-max-idle";
     /// An idle upstream connection older than this is not reused.
     upstream_idle_timeout: Dur = Dur::secs(30), flag "upstream-idle-timeout";

@@ -13,6 +13,9 @@
 //! upstream are cut off: they mark their key unknown (never re-sent) and answer 502, within [`CUT_OFF_GRACE`] +
 //! the store's time-out, and whatever is left is dropped with a warning.
 //!
+//! Connections are served on [`crate::workers`] threads (thread-per-core); the accept loop, the admin listener
+//! and shutdown run where [`run`] is called.
+//!
 //! A SIGHUP (when the process was started from a configuration, see [`crate::reload`]) reloads it.
 
 use std::future::Future;
@@ -32,6 +35,7 @@ use crate::config::Settings;
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Source};
 use crate::store::AnyStore;
+use crate::workers::Workers;
 
 /// After a cut-off, time (besides `store_timeout`) the cut-off leaders get to record their keys unknown.
 pub const CUT_OFF_GRACE: Duration = Duration::from_millis(500);
@@ -158,6 +162,9 @@ async fn serve_proxy(
         .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err.to_string()))?;
     let permits = Arc::new(Semaphore::new(settings.max_connections.0));
     let graceful = GracefulShutdown::new();
+    // Connections are served on the worker threads; dropped at the end of this function, they end once the
+    // connections were drained (or cut off).
+    let mut workers = Workers::start(crate::workers::count(settings.workers.0))?;
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -184,7 +191,7 @@ async fn serve_proxy(
         // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
         let io = crate::tls::ClientIo::new(stream, peer, tls.as_ref());
         let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
-        tokio::spawn(async move {
+        workers.spawn(async move {
             if let Err(err) = connection.await {
                 log_connection_error(&err, peer);
             }

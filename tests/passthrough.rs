@@ -265,3 +265,35 @@ async fn bodies_over_the_limit_get_413_whether_declared_or_streamed() {
         .unwrap();
     assert_eq!(fine.status, 200, "the proxy still serves");
 }
+
+/// Client connections are served on `workers` threads, each borrowing upstream connections from a pool of its
+/// own (`src/workers.rs`): two keep-alive clients, handed to the two workers in turn, send requests one after
+/// the other, and the upstream sees every request on one connection per worker. A pool shared by the threads
+/// would serve them all on one; no reuse, on twenty.
+#[tokio::test]
+async fn each_worker_thread_keeps_its_own_upstream_connection_alive() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = upstream_answering(ok_answer("")).await;
+    let proxy = proxy(&[upstream.url()], &["--workers", "2"]);
+    let addr = proxy.addr("proxy");
+    let mut clients = [
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+    ];
+    let request = b"GET /openApi/fetchInstanceStatus?instanceId=1 HTTP/1.1\r\nHost: test\r\n\r\n";
+    for round in 0..10 {
+        for client in clients.iter_mut() {
+            client.write_all(request).await.unwrap();
+            let response = read_response(client).await.unwrap();
+            assert_eq!(response.status, 200, "round {round}: {}", response.head);
+            // Time for the connection to go back to its pool before the next request.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(upstream.count(), 20);
+    assert_eq!(
+        upstream.connections(),
+        2,
+        "one upstream connection per worker"
+    );
+}

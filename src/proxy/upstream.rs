@@ -28,6 +28,7 @@ use tokio::net::TcpStream;
 use super::error::ProxyError;
 use super::tap::{Arm, Tap, TapCtl};
 use crate::config::{Settings, UpstreamUrl};
+use crate::workers;
 
 /// A forwarded request's body: the client's stream under the size limit, or bytes runonce already holds.
 pub type ForwardBody = Either<Limited<Incoming>, Full<Bytes>>;
@@ -44,8 +45,10 @@ pub struct Upstreams {
 /// One server and its idle connections.
 struct Upstream {
     url: UpstreamUrl,
-    /// Idle connections, oldest first. A std `Mutex`: held for a push or pop, never across an `.await`.
-    idle: Mutex<VecDeque<Idle>>,
+    /// Idle connections, oldest first, one pool per [`workers::slot`]: a connection's task runs on the thread
+    /// that opened it, so a request borrows one of its own thread's. A std `Mutex`: held for a push or pop,
+    /// never across an `.await`, and in practice only by its own thread.
+    idle: Vec<Mutex<VecDeque<Idle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -66,13 +69,14 @@ enum Attempt {
 
 impl Upstreams {
     pub fn new(settings: &Settings) -> Self {
+        let slots = 1 + workers::count(settings.workers.0);
         let servers = settings
             .upstreams
             .iter()
             .map(|url| {
                 Arc::new(Upstream {
                     url: url.clone(),
-                    idle: Mutex::new(VecDeque::new()),
+                    idle: (0..slots).map(|_| Mutex::new(VecDeque::new())).collect(),
                     max_idle: settings.upstream_max_idle.0,
                     idle_timeout: settings.upstream_idle_timeout.0,
                 })
@@ -239,9 +243,14 @@ impl Upstream {
         }
     }
 
+    /// This thread's pool.
+    fn idle(&self) -> &Mutex<VecDeque<Idle>> {
+        &self.idle[workers::slot() % self.idle.len()]
+    }
+
     fn checkout(&self) -> Option<Idle> {
         let mut idle = self
-            .idle
+            .idle()
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         while let Some(conn) = idle.pop_back() {
@@ -252,7 +261,8 @@ impl Upstream {
         None
     }
 
-    /// Puts the connection back once its answer has been read to the end (hyper then reports it ready).
+    /// Puts the connection back once its answer has been read to the end (hyper then reports it ready), into
+    /// the pool of the thread it runs on.
     fn checkin_when_idle(self: &Arc<Self>, mut send: SendRequest<ForwardBody>, ctl: Arc<TapCtl>) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
@@ -260,7 +270,7 @@ impl Upstream {
                 return;
             }
             let mut idle = this
-                .idle
+                .idle()
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             if idle.len() >= this.max_idle {

@@ -262,6 +262,7 @@ pub enum Script {
 pub struct RawUpstream {
     pub addr: SocketAddr,
     pub requests: Arc<Mutex<Vec<Vec<u8>>>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -272,8 +273,11 @@ impl RawUpstream {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(script);
         let recorded = Arc::clone(&requests);
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let accepted = Arc::clone(&connections);
         let task = tokio::spawn(async move {
             while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let script = Arc::clone(&script);
                 let recorded = Arc::clone(&recorded);
                 tokio::spawn(async move {
@@ -303,6 +307,7 @@ impl RawUpstream {
         RawUpstream {
             addr,
             requests,
+            connections,
             task,
         }
     }
@@ -313,6 +318,11 @@ impl RawUpstream {
 
     pub fn count(&self) -> usize {
         self.requests.lock().unwrap().len()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn request(&self, i: usize) -> String {

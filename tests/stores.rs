@@ -768,6 +768,93 @@ async fn two_redis_stores_on_one_redis_share_records_and_wake_each_other() {
     assert_wakes(&a, &b).await;
 }
 
+/// Reads from `from` into `heard` until it holds `needle`, at most 5 s.
+async fn read_until(from: &mut tokio::net::TcpStream, heard: &mut Vec<u8>, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while !String::from_utf8_lossy(heard).contains(needle) {
+            let n = from.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed");
+            heard.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        found.is_ok(),
+        "not heard: {needle}; heard {:?}",
+        String::from_utf8_lossy(heard)
+    );
+}
+
+/// Settling a record publishes only when a waiter counted itself in: a call without duplicates costs Redis
+/// no `PUBLISH`, and the replicas' listeners no message. A raw subscriber on the store's pattern hears the
+/// waited-on key's change and nothing before it (one connection delivers messages in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_publishes_a_settled_record_only_when_someone_waits() {
+    use tokio::io::AsyncWriteExt;
+    let server = RedisServer::start();
+    let store = AnyStore::Redis(redis_store(&server.url()).await);
+    let mut subscriber = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    let pattern = "runonce:{*}:changed";
+    let command = format!(
+        "*2\r\n$10\r\nPSUBSCRIBE\r\n${}\r\n{pattern}\r\n",
+        pattern.len()
+    );
+    subscriber.write_all(command.as_bytes()).await.unwrap();
+    let mut heard = Vec::new();
+    read_until(&mut subscriber, &mut heard, "psubscribe").await;
+    let info = info(10_000, 60_000);
+    // Nobody waits: complete, release and mark unknown publish nothing.
+    let quiet = [key(), key(), key()];
+    for (i, key) in quiet.iter().enumerate() {
+        let token = lead(&store, key, &info).await;
+        let settled = match i {
+            0 => store.complete(key, &token, &answer(), info.window).await,
+            1 => store.release(key, &token).await,
+            _ => store.mark_unknown(key, &token, info.window).await,
+        };
+        assert!(settled.unwrap());
+    }
+    // A waiter counts itself in; the leader's answer is then published, and wakes it.
+    let waited = key();
+    let token = lead(&store, &waited, &info).await;
+    let waiting = waiter(&store, &waited);
+    until(
+        Duration::from_secs(5),
+        "the waiter counts itself in",
+        || {
+            let count = server.query(&["HGET", &hash_name(&waited), "waiters"]);
+            // A RESP bulk string: `$1\r\n1\r\n`.
+            async move { count.is_some_and(|reply| reply.starts_with("$1\r\n1\r\n")) }
+        },
+    )
+    .await;
+    assert!(store
+        .complete(&waited, &token, &answer(), info.window)
+        .await
+        .unwrap());
+    let took = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiter returns")
+        .unwrap();
+    assert!(took < WAKE, "woken after {took:?} (poll 5 s)");
+    read_until(
+        &mut subscriber,
+        &mut heard,
+        &format!("runonce:{{{waited}}}:changed"),
+    )
+    .await;
+    let heard = String::from_utf8_lossy(&heard).into_owned();
+    assert!(heard.ends_with("done\r\n"), "{heard:?}");
+    for key in &quiet {
+        assert!(
+            !heard.contains(key.as_str()),
+            "published unwaited {key}: {heard:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_record_layout_ttls_and_the_clock() {
     use redis::AsyncCommands;

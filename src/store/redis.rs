@@ -3,6 +3,7 @@
 //! **Layout.** One hash per key, `runonce:{<64-hex key>}`; the braces are a hash tag, so a record and all a
 //! script touches live in one slot of a Redis Cluster. Fields: `state` (`inflight` | `done` | `unknown`), `owner`
 //! (the leader's token), `fp`, `fields`, `cred` (the digest of the leader's access token, never the token),
+//! `waiters` (how many times a waiter found it in flight; see below),
 //! `created` and `lease_until` (milliseconds on Redis's clock), and once
 //! done `status`, `head`, `body` (the bytes as they came) and `delivered` (`0`/`1`). The hash's time to live is
 //! the record's expiry: max(window, lease) from the claim, raised to at least the lease by each renew, the window
@@ -19,28 +20,35 @@
 //! still holds at Redis's `TIME`; otherwise they change nothing and answer `0` (`Ok(false)`). A leader whose
 //! lease ran out, or whose record was released, purged or taken over and claimed anew, can no longer write.
 //!
-//! **Waking waiters.** Every change a waiter may wait for is published on `runonce:{<key>}:changed`: complete,
-//! release, mark unknown, a claim that turns a record unknown, mark delivered, purge. A claim of a free key and a
-//! renew are not: waiters wait on in-flight records only, and a renew changes nothing they look at (in
-//! [`super::memory`] these wake nobody either). Each `RedisStore` keeps ONE listener connection holding a single
-//! `PSUBSCRIBE runonce:{*}:changed`, and a registry `channel → Notify` of the keys someone waits on.
+//! **Waking waiters.** Every change a waiter may wait for is published on `runonce:{<key>}:changed`: a claim
+//! that turns a record unknown, a purge, and, when a waiter counted itself in (below), complete, release and mark
+//! unknown. A claim of a free key, a renew and mark delivered are not: waiters wait on in-flight records only,
+//! and those change nothing they look at (in [`super::memory`] these wake nobody either). Each `RedisStore`
+//! keeps ONE listener connection holding a single `PSUBSCRIBE runonce:{*}:changed`, and a registry
+//! `channel → Notify` of the keys someone waits on.
 //!
 //! One pattern rather than a `SUBSCRIBE` per waited-on key: the subscription exists before any waiter
 //! registers, so a waiter needs no subscribe round trip, cannot race its own subscription, and leaves nothing to
-//! unsubscribe; the price is that each replica hears of every change, a few bytes dropped after one map look-up.
+//! unsubscribe; the price is that each replica hears of every change someone waits for, a few bytes dropped
+//! after one map look-up.
 //! A waiter registers, then asks Redis once more whether the record is still in flight under a live lease (a
-//! change between the caller's read and the registration was published before anyone listened), and sleeps until
-//! a message or until `poll`, the fallback when a message is lost (listener down or reconnecting). A registry
-//! entry goes with its last waiter, however that waiter ends (woken, polled out, or dropped). After every
-//! (re)subscription all waiters are woken to look again: what changed while nobody listened is not known.
+//! change between the caller's read and the registration was published before anyone listened); that script
+//! also counts the waiter in the record's `waiters` field, and the leader's settling script publishes only when
+//! the field is there (scripts run one at a time: a waiter counted in after the settling sees it settled), so
+//! the usual call, which has no duplicate, publishes nothing. The waiter then sleeps until a message or until
+//! `poll`, the fallback when a message is lost (listener down or reconnecting). A registry entry goes with its
+//! last waiter, however that waiter ends (woken, polled out, or dropped). After every (re)subscription all
+//! waiters are woken to look again: what changed while nobody listened is not known.
 //!
 //! The listener speaks RESP3 (Redis 6 or later): pushes arrive on an ordinary connection, which also answers the
 //! `PING` (every [`LISTENER_PING_EVERY`]) that finds a connection gone silent. On any failure it connects anew,
 //! with a back-off of at most a second. In Cluster mode a classic `PUBLISH` reaches every node, so the listener
 //! uses any one seed node, and the next one when that one is down.
 //!
-//! **Connections and failures.** All operations share one multiplexed connection: the redis crate's
-//! `ConnectionManager` (standalone) or its async Cluster connection, both made lazily, so an unreachable Redis at
+//! **Connections and failures.** Operations on a worker thread ([`crate::workers`]) share that thread's
+//! multiplexed connection, all others one shared connection: a reply then wakes a request on the thread its
+//! connection's task runs on. Each is the redis crate's
+//! `ConnectionManager` (standalone) or its async Cluster connection, made lazily, so an unreachable Redis at
 //! start is not an error: operations fail until it answers, and the connection is made again by itself after
 //! Redis restarts. Every operation is bounded by `op_timeout`; a time-out, an error or an unexpected answer is a
 //! [`StoreError`], never a panic. After [`RECONNECT_AFTER_TIMEOUTS`] time-outs in a row the connection is
@@ -51,9 +59,10 @@
 //! A claim or takeover that then finds its own token on an in-flight record knows its first attempt went through:
 //! it leads.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::pin::pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -69,6 +78,8 @@ use redis::{
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+
+use crate::workers;
 
 use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
 
@@ -91,12 +102,11 @@ pub struct RedisStore {
 }
 
 struct Inner {
+    /// This store among the process's stores: the key of its connections in [`WORKER_LINES`].
+    id: u64,
     target: Target,
-    /// The connection every operation uses; replaced after repeated time-outs.
-    conn: RwLock<Conn>,
-    timeouts_in_a_row: AtomicU32,
-    /// When the connection was last replaced: at most once per `op_timeout`.
-    replaced_at: Mutex<Instant>,
+    /// The connection operations use outside the worker threads (admin listener, tests).
+    shared: RwLock<Arc<Line>>,
     op_timeout: Duration,
     waiters: Arc<Registry>,
     /// The listener task, stopped when the last clone of the store goes.
@@ -115,6 +125,34 @@ enum Conn {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
 }
+
+/// A connection, and how many of its operations timed out in a row; replaced after
+/// [`RECONNECT_AFTER_TIMEOUTS`], at most once per `op_timeout`.
+struct Line {
+    conn: Conn,
+    timeouts_in_a_row: AtomicU32,
+    opened: Instant,
+}
+
+impl Line {
+    fn new(conn: Conn) -> Arc<Line> {
+        Arc::new(Line {
+            conn,
+            timeouts_in_a_row: AtomicU32::new(0),
+            opened: Instant::now(),
+        })
+    }
+}
+
+thread_local! {
+    /// Each worker thread's own connection to each store (by [`Inner::id`]), made on its first operation there:
+    /// its driver task then runs on that thread, next to the requests that use it (see [`crate::workers`]).
+    /// Gone with the thread.
+    static WORKER_LINES: RefCell<HashMap<u64, Arc<Line>>> = RefCell::new(HashMap::new());
+}
+
+/// Numbers the stores of this process.
+static NEXT_STORE_ID: AtomicU64 = AtomicU64::new(0);
 
 impl RedisStore {
     /// A store on `url`: `redis://host:port/db`, `rediss://…` (TLS), or `redis+cluster://host:port,host:port`
@@ -156,17 +194,16 @@ impl RedisStore {
         let listener = tokio::spawn(listen(nodes, Arc::clone(&waiters), op_timeout));
         let store = RedisStore {
             inner: Arc::new(Inner {
+                id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
                 target,
-                conn: RwLock::new(conn),
-                timeouts_in_a_row: AtomicU32::new(0),
-                replaced_at: Mutex::new(Instant::now()),
+                shared: RwLock::new(Line::new(conn)),
                 op_timeout,
                 waiters,
                 _listener: AbortOnDrop(listener),
             }),
         };
         // Start connecting now rather than on the first request; the outcome does not matter here.
-        if let Conn::Standalone(mut conn) = store.current() {
+        if let Conn::Standalone(mut conn) = store.line().conn.clone() {
             tokio::spawn(async move {
                 let ping = redis::cmd("PING");
                 let _ =
@@ -186,12 +223,30 @@ impl RedisStore {
         self.inner.waiters.lock().len()
     }
 
-    fn current(&self) -> Conn {
+    /// The connection for this thread: a worker's own (opened on its first use), else the shared one.
+    fn line(&self) -> Arc<Line> {
+        if workers::slot() == 0 {
+            return Arc::clone(&self.shared());
+        }
+        WORKER_LINES.with(|lines| {
+            let mut lines = lines.borrow_mut();
+            if let Some(line) = lines.get(&self.inner.id) {
+                return Arc::clone(line);
+            }
+            // Opening makes no connection (it is made on first use), so only a bad configuration fails here,
+            // which `connect` already ruled out; should it fail all the same, use the shared one.
+            match self.inner.target.open(self.inner.op_timeout) {
+                Ok(conn) => Arc::clone(lines.entry(self.inner.id).or_insert(Line::new(conn))),
+                Err(_) => Arc::clone(&self.shared()),
+            }
+        })
+    }
+
+    fn shared(&self) -> std::sync::RwLockReadGuard<'_, Arc<Line>> {
         self.inner
-            .conn
+            .shared
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
     }
 
     /// Runs one script, bounded by the operation time-out.
@@ -203,20 +258,21 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
         let record = record_key(key);
-        let mut conn = self.current();
+        let line = self.line();
+        let mut conn = line.conn.clone();
         let answer =
             tokio::time::timeout(self.inner.op_timeout, conn.eval(script, &record, args)).await;
         match answer {
             Ok(Ok(value)) => {
-                self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                line.timeouts_in_a_row.store(0, Ordering::Relaxed);
                 Ok(value)
             }
             Ok(Err(err)) => {
                 if err.is_timeout() {
-                    self.timed_out();
+                    self.timed_out(&line);
                 } else {
                     // An answer, if only an error: the connection is alive.
-                    self.inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                    line.timeouts_in_a_row.store(0, Ordering::Relaxed);
                 }
                 Err(StoreError {
                     op,
@@ -224,7 +280,7 @@ impl RedisStore {
                 })
             }
             Err(_) => {
-                self.timed_out();
+                self.timed_out(&line);
                 Err(StoreError {
                     op,
                     cause: format!(
@@ -236,26 +292,38 @@ impl RedisStore {
         }
     }
 
-    /// Counts a time-out; replaces the connection after [`RECONNECT_AFTER_TIMEOUTS`] in a row.
-    fn timed_out(&self) {
+    /// Counts a time-out on `line`; replaces it, where this thread found it, after [`RECONNECT_AFTER_TIMEOUTS`]
+    /// in a row.
+    fn timed_out(&self, line: &Arc<Line>) {
         let inner = &self.inner;
-        if inner.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < RECONNECT_AFTER_TIMEOUTS {
+        if line.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) + 1 < RECONNECT_AFTER_TIMEOUTS
+            || line.opened.elapsed() < inner.op_timeout
+        {
             return;
         }
-        let mut replaced_at = inner
-            .replaced_at
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if replaced_at.elapsed() < inner.op_timeout {
+        let Ok(conn) = inner.target.open(inner.op_timeout) else {
             return;
-        }
-        if let Ok(conn) = inner.target.open(inner.op_timeout) {
-            *inner
-                .conn
+        };
+        let replaced = if workers::slot() == 0 {
+            let mut shared = inner
+                .shared
                 .write()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()) = conn;
-            *replaced_at = Instant::now();
-            inner.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Another operation may have replaced it already.
+            Arc::ptr_eq(&shared, line) && {
+                *shared = Line::new(conn);
+                true
+            }
+        } else {
+            WORKER_LINES.with(|lines| match lines.borrow_mut().get_mut(&inner.id) {
+                Some(mine) if Arc::ptr_eq(mine, line) => {
+                    *mine = Line::new(conn);
+                    true
+                }
+                _ => false,
+            })
+        };
+        if replaced {
             tracing::warn!(
                 "redis store: no answer {RECONNECT_AFTER_TIMEOUTS} times in a row, connecting anew"
             );
@@ -468,7 +536,7 @@ impl Store for RedisStore {
     /// `SCAN`s for `runonce:{*}` hashes on the one server, or on every master of a Cluster (each holds part of
     /// the keyspace), and reads each record with the `get` script.
     async fn list(&self, filter: Listing, limit: usize) -> Result<Vec<(Key, Record)>, StoreError> {
-        let mut conn = self.current();
+        let mut conn = self.line().conn.clone();
         let nodes = match &mut conn {
             Conn::Standalone(_) => vec![None],
             Conn::Cluster(cluster) => self.masters(cluster).await?.into_iter().map(Some).collect(),

@@ -12,5 +12,5 @@ end
 redis.call('HSET', record_key, 'state', 'done', 'status', ARGV[3], 'head', ARGV[4], 'body', ARGV[5],
   'delivered', '0')
 redis.call('PEXPIRE', record_key, int(tonumber(ARGV[2])))
-changed('done')
+changed_if_waited('done')
 return 1

@@ -21,6 +21,14 @@ local function changed(what)
   redis.call('PUBLISH', channel, what)
 end
 
+-- The same, only when a waiter counted itself in (`in_flight`): the usual call has no duplicate, and a message
+-- nobody waits for would cost Redis and every replica's listener. Call it before deleting the record.
+local function changed_if_waited(what)
+  if redis.call('HEXISTS', record_key, 'waiters') == 1 then
+    changed(what)
+  end
+end
+
 -- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred}, or false
 -- when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed here.
 local function read_record(now)

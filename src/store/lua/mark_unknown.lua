@@ -5,5 +5,5 @@ if not leads(ARGV[1], now_ms()) then
 end
 redis.call('HSET', record_key, 'state', 'unknown')
 redis.call('PEXPIRE', record_key, int(tonumber(ARGV[2])))
-changed('unknown')
+changed_if_waited('unknown')
 return 1

@@ -3,6 +3,6 @@
 if not leads(ARGV[1], now_ms()) then
   return 0
 end
+changed_if_waited('released')
 redis.call('DEL', record_key)
-changed('released')
 return 1

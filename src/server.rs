@@ -183,15 +183,31 @@ async fn serve_proxy(
             _ = stopped.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        // Out of this runtime's reactor, into the worker's: its readiness then wakes that thread only.
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(err) => {
+                tracing::warn!(%peer, %err, "closed a connection that could not be handed to a worker");
+                continue;
+            }
+        };
         let proxy = Arc::clone(&proxy);
-        let service = service_fn(move |request| {
-            let proxy = Arc::clone(&proxy);
-            async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
-        });
-        // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
-        let io = crate::tls::ClientIo::new(stream, peer, tls.as_ref());
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(io), service));
+        let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
         workers.spawn(async move {
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(err) => {
+                    tracing::warn!(%peer, %err, "closed a connection the worker could not take");
+                    return;
+                }
+            };
+            let service = service_fn(move |request| {
+                let proxy = Arc::clone(&proxy);
+                async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+            });
+            // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
+            let io = crate::tls::ClientIo::new(stream, peer, tls.as_ref());
+            let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
             if let Err(err) = connection.await {
                 log_connection_error(&err, peer);
             }

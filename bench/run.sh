@@ -244,6 +244,12 @@ field() {
   echo "${v:-0}"
 }
 
+# wrk_errors RESULT: socket errors (connect, read, write, timeout) and non-2xx answers.
+wrk_errors() {
+  echo $(($(field connect "$1") + $(field read "$1") + $(field write "$1") + $(field timeout "$1") \
+    + $(field status "$1")))
+}
+
 RESULTS="$TMP/results.tsv"
 : >"$RESULTS"
 
@@ -271,8 +277,7 @@ measure() {
   fi
   requests=$(field requests "$result")
   seconds=$(field duration_us "$result")
-  errors=$(($(field connect "$result") + $(field read "$result") + $(field write "$result") \
-    + $(field timeout "$result") + $(field status "$result")))
+  errors=$(wrk_errors "$result")
   awk -v s="$scenario" -v sys="$system" -v c="$conns" -v n="$requests" -v us="$seconds" \
     -v p50="$(field p50_us "$result")" -v p99="$(field p99_us "$result")" -v p999="$(field p999_us "$result")" \
     -v err="$errors" -v ticks=$((after - before)) -v hz="$(getconf CLK_TCK)" -v rss="$rss" 'BEGIN {
@@ -416,8 +421,7 @@ ratio_row "runonce peak RSS, every row (MiB)" "$(shown "$peak")" "≤ 30" "$(che
 # Soak verdict: the last sample against the first one after the window filled (the end of the window's
 # length plus one sample), with 1 MiB of slack for allocator noise.
 soak_requests=$(field requests "$SOAK_RESULT")
-soak_errors=$(($(field connect "$SOAK_RESULT") + $(field read "$SOAK_RESULT") + $(field write "$SOAK_RESULT") \
-  + $(field timeout "$SOAK_RESULT") + $(field status "$SOAK_RESULT")))
+soak_errors=$(wrk_errors "$SOAK_RESULT")
 # No wrk result at all counts as a failure of the soak, not as a clean one.
 [ -z "$SOAK_RESULT" ] && soak_errors=1
 soak_line=$(awk -v samples="$SAMPLES" -v every="$SOAK_SAMPLE" -v window="${SOAK_SETTLED%s}" -v base="$SOAK_BASE" \

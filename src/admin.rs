@@ -28,11 +28,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::Settings;
+use crate::config::{Secret, Settings};
 use crate::proxy::Proxy;
 use crate::reload::Reloader;
 use crate::store::{Key, Listing, Record, State, Store};
@@ -63,7 +62,7 @@ impl Admin {
         let token = settings
             .admin_token
             .is_set()
-            .then(|| Sha256::digest(settings.admin_token.0.as_bytes()).into());
+            .then(|| settings.admin_token.digest());
         let loopback = settings.admin_listen.ip().is_loopback();
         if token.is_none() && !loopback {
             tracing::warn!(
@@ -244,9 +243,8 @@ fn check_access(request: &Request<Incoming>, admin: &Admin) -> Option<Response<F
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|token| Sha256::digest(token.trim().as_bytes()));
-    if given.is_some_and(|given| given.as_slice() == expected.as_slice()) {
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|given| Secret::matches(expected, given.trim().as_bytes())) {
         return None;
     }
     let mut refusal = json(

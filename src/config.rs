@@ -568,6 +568,21 @@ impl Secret {
     pub fn is_set(&self) -> bool {
         !self.0.is_empty()
     }
+
+    /// SHA-256 of the secret: what runonce keeps to compare against, with [`Secret::matches`].
+    pub fn digest(&self) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(self.0.as_bytes()).into()
+    }
+
+    /// Whether `given` is the secret whose digest is `expected`: digests compare in constant time, whatever the
+    /// lengths.
+    pub fn matches(expected: &[u8; 32], given: &[u8]) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let digest: [u8; 32] = sha2::Sha256::digest(given).into();
+        digest.ct_eq(expected).into()
+    }
 }
 
 impl fmt::Debug for Secret {

@@ -31,11 +31,9 @@ use std::net::IpAddr;
 
 use http::{request, HeaderMap, HeaderName};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
 
 use super::error::ProxyError;
-use crate::config::Settings;
+use crate::config::{Secret, Settings};
 use crate::powerjob;
 
 /// Longest part of a rejected value shown in an answer or a log line.
@@ -87,13 +85,22 @@ impl Access {
             .filter(|_| !settings.shared_secret.0.is_empty())
             .map(|header| SharedSecret {
                 header,
-                digest: Sha256::digest(settings.shared_secret.0.as_bytes()).into(),
+                digest: settings.shared_secret.digest(),
             });
         Access {
             networks: settings.allow_networks.iter().map(|n| n.0).collect(),
             apps: settings.allow_apps.iter().map(|a| a.0).collect(),
             secret,
         }
+    }
+
+    /// The scope of `path` for these rules. Only the shared secret and `allow_apps` look at it, so with neither
+    /// set (the default) the path is not decoded: that would cost allocations on every request.
+    pub fn scope(&self, path: &str) -> Scope {
+        if self.secret.is_none() && self.apps.is_empty() {
+            return Scope::Outside;
+        }
+        Scope::of(path)
     }
 
     /// Rules 1 and 2, on the request head.
@@ -113,10 +120,7 @@ impl Access {
         if let (Some(secret), Scope::Login | Scope::OpenApi) = (&self.secret, scope) {
             let mut values = headers.get_all(&secret.header).iter();
             let matches = match (values.next(), values.next()) {
-                (Some(value), None) => {
-                    let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-                    bool::from(digest.ct_eq(&secret.digest))
-                }
+                (Some(value), None) => Secret::matches(&secret.digest, value.as_bytes()),
                 _ => false,
             };
             if !matches {

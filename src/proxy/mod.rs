@@ -127,7 +127,7 @@ impl Proxy {
         self.check_head(&request).map_err(refused)?;
         let (mut parts, body) = request.into_parts();
         // Refused callers learn nothing else about the request.
-        let scope = access::Scope::of(parts.uri.path());
+        let scope = self.access.scope(parts.uri.path());
         self.access
             .check_head(client.ip(), scope, &parts.headers)
             .map_err(refused)?;

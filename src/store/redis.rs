@@ -83,7 +83,7 @@ use crate::workers;
 
 use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
 
-/// Time-outs in a row after which the shared connection is replaced by a new one.
+/// Time-outs in a row on one connection after which it is replaced by a new one.
 pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
 
 /// The pattern the listener subscribes to; every record's channel matches it.

@@ -93,12 +93,7 @@ impl Process {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        self.signal("TERM");
     }
 
     /// Sends `signal` (`HUP`, `TERM`, …).

@@ -126,6 +126,9 @@ settings! {
     /// Threads serving client connections, each with its own upstream connections (thread-per-core); 0: one per
     /// CPU core.
     workers: Count = Count(0), flag "workers";
+    /// Forward plain pass-through requests with runonce's own HTTP/1.1 code (the fast lane) instead of hyper's;
+    /// anything else on the connection still goes through hyper. Only without TLS and access rules.
+    fast_lane: Switch = Switch(true), flag "fast-lane";
     /// Time to open a connection to one upstream before trying the next.
     connect_timeout: Dur = Dur::secs(1), flag "connect-timeout";
     /// Time an upstream has to answer (response head) once the request was sent: 504 after it, never re-sent.

@@ -8,7 +8,7 @@
 //! upstreams also read requests with [`read_request`]. Heads are parsed with `httparse`, which hands out names
 //! as sent.
 //!
-//! It is **not** used on the proxy's request path, which is hyper's.
+//! It is **not** used on the proxy's request path (hyper's, and the fast lane's own code in `proxy/lane.rs`).
 //!
 //! Scope: plain HTTP, one message per call; bytes read past the end of a message are dropped, so it does not
 //! support pipelining. Interim 1xx responses are skipped; bodies are delimited by Content-Length, chunked

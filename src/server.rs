@@ -14,7 +14,8 @@
 //! the store's time-out, and whatever is left is dropped with a warning.
 //!
 //! Connections are served on [`crate::workers`] threads (thread-per-core); the accept loop, the admin listener
-//! and shutdown run where [`run`] is called.
+//! and shutdown run where [`run`] is called. Plain pass-through requests are forwarded by the fast lane
+//! ([`crate::proxy::lane`]) until a connection sends one it does not take; hyper serves the rest.
 //!
 //! A SIGHUP (when the process was started from a configuration, see [`crate::reload`]) reloads it.
 
@@ -24,6 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
@@ -32,6 +34,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::admin::{self, Admin};
 use crate::config::Settings;
+use crate::proxy::lane::{self, Exit, Rewind};
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Source};
 use crate::store::AnyStore;
@@ -193,6 +196,7 @@ async fn serve_proxy(
         };
         let proxy = Arc::clone(&proxy);
         let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
+        let stopped = stopped.clone();
         workers.spawn(async move {
             let stream = match tokio::net::TcpStream::from_std(stream) {
                 Ok(stream) => stream,
@@ -201,12 +205,22 @@ async fn serve_proxy(
                     return;
                 }
             };
+            // Plain pass-through requests take the lane; hyper serves whatever comes from the first other one.
+            // The watcher, held meanwhile, makes the drain wait for the lane's connections too.
+            let (stream, read) = if proxy.lane() {
+                match lane::serve(&proxy, stream, peer, stopped).await {
+                    Exit::Done => return,
+                    Exit::HandOff(stream, read) => (stream, read),
+                }
+            } else {
+                (stream, BytesMut::new())
+            };
             let service = service_fn(move |request| {
                 let proxy = Arc::clone(&proxy);
                 async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
             });
             // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
-            let io = crate::tls::ClientIo::new(stream, peer, tls.as_ref());
+            let io = Rewind::new(crate::tls::ClientIo::new(stream, peer, tls.as_ref()), read);
             let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
             if let Err(err) = connection.await {
                 log_connection_error(&err, peer);

@@ -94,6 +94,11 @@ impl Access {
         }
     }
 
+    /// Whether no rule is set (the default).
+    pub fn is_off(&self) -> bool {
+        self.networks.is_empty() && self.apps.is_empty() && self.secret.is_none()
+    }
+
     /// The scope of `path` for these rules. Only the shared secret and `allow_apps` look at it, so with neither
     /// set (the default) the path is not decoded: that would cost allocations on every request.
     pub fn scope(&self, path: &str) -> Scope {

@@ -1,5 +1,7 @@
 //! A request's way through runonce: limits, header rules, forwarding as a stream, and the rescue.
 //!
+//! - [`lane`]: the fast lane, runonce's own HTTP/1.1 forwarding of plain pass-through requests; it hands a
+//!   connection to hyper (and this module) at the first request it does not take.
 //! - [`access`]: runonce's own access control (networks, shared secret, app ids), off unless configured.
 //! - [`upstream`]: the servers, their connection pools, failover that never re-sends.
 //! - [`tap`]: the auth-header repair, on the upstream connection's bytes.
@@ -16,6 +18,7 @@ pub mod access;
 pub mod answer;
 pub mod error;
 pub mod headers;
+pub mod lane;
 pub mod tap;
 pub mod upstream;
 
@@ -50,6 +53,9 @@ pub struct Proxy {
     auth_header: AuthHeader,
     body_limit: u64,
     body_read_timeout: std::time::Duration,
+    header_read_timeout: std::time::Duration,
+    /// Whether plain pass-through requests take the [`lane`].
+    lane: bool,
     max_header_bytes: usize,
     max_headers: usize,
 }
@@ -57,10 +63,13 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(settings: &Settings, store: AnyStore) -> Self {
         let upstreams = Arc::new(Upstreams::new(settings));
+        let access = Access::new(settings);
+        // The lane writes `X-Forwarded-Proto: http` and applies no access rule: plain listeners without them.
+        let lane = settings.fast_lane.0 && settings.tls_cert.trim().is_empty() && access.is_off();
         Proxy {
             guard: Arc::new(Guard::new(settings, store, Arc::clone(&upstreams))),
             upstreams,
-            access: Access::new(settings),
+            access,
             scheme: if settings.tls_cert.trim().is_empty() {
                 "http"
             } else {
@@ -69,6 +78,8 @@ impl Proxy {
             auth_header: settings.auth_header,
             body_limit: settings.body_limit.as_u64(),
             body_read_timeout: settings.body_read_timeout.0,
+            header_read_timeout: settings.header_read_timeout.0,
+            lane,
             max_header_bytes: settings.max_header_bytes.as_u64() as usize,
             max_headers: settings.max_headers.0,
         }
@@ -76,6 +87,11 @@ impl Proxy {
 
     pub fn upstreams(&self) -> &Upstreams {
         &self.upstreams
+    }
+
+    /// Whether this proxy's connections start in the [`lane`].
+    pub fn lane(&self) -> bool {
+        self.lane
     }
 
     pub fn guard(&self) -> &Guard {
@@ -192,6 +208,10 @@ impl Proxy {
         metrics
             .upstream_passthrough
             .observe(started.elapsed().as_secs_f64());
+        if response.headers().contains_key(header::TRANSFER_ENCODING) {
+            // hyper read the body by its transfer coding; a length beside it would mislead the client.
+            response.headers_mut().remove(header::CONTENT_LENGTH);
+        }
         headers::remove_hop_by_hop(response.headers_mut());
         Ok(response.map(Either::Left))
     }

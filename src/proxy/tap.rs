@@ -15,6 +15,8 @@
 //! Interim (1xx) heads pass untouched; the final head is the one repaired. Bodies are never looked at. A head
 //! larger than [`MAX_HEAD`] or one that does not parse passes unchanged for hyper to judge.
 //!
+//! The fast lane ([`super::lane`]) reads answer heads itself and applies the same rule through [`auth_fix`].
+//!
 //! The tap can also keep a copy of the final head as it goes to hyper ([`Arm::capture`]): the idempotency
 //! engine stores it, so a replayed answer carries the header names in the server's case.
 
@@ -34,7 +36,7 @@ pub const MAX_HEAD: usize = 64 * 1024;
 /// Most headers a repaired head may have; more pass unrepaired.
 const MAX_HEADERS: usize = 128;
 /// The header line the repair adds.
-const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
+pub(super) const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
 
 /// What the tap does with the next response head.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -200,14 +202,14 @@ fn repair(
 
 /// What a 200 head needs.
 #[derive(Debug, PartialEq)]
-enum Fix {
+pub(super) enum Fix {
     /// No such header: add one.
     Add,
     /// The header with value true, its name in another case, at this offset of the buffer.
     Rename(usize),
 }
 
-fn auth_fix(headers: &[httparse::Header<'_>], base: *const u8) -> Option<Fix> {
+pub(super) fn auth_fix(headers: &[httparse::Header<'_>], base: *const u8) -> Option<Fix> {
     let Some(found) = headers
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case(AUTH_PASSED))

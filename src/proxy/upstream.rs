@@ -49,8 +49,21 @@ struct Upstream {
     /// that opened it, so a request borrows one of its own thread's. A std `Mutex`: held for a push or pop,
     /// never across an `.await`, and in practice only by its own thread.
     idle: Vec<Mutex<VecDeque<Idle>>>,
+    /// Idle plain connections of the [fast lane](super::lane), per slot like `idle`.
+    raw_idle: Vec<Mutex<Vec<RawIdle>>>,
     max_idle: usize,
     idle_timeout: Duration,
+}
+
+struct RawIdle {
+    stream: TcpStream,
+    since: Instant,
+}
+
+/// A plain connection to server `server`, borrowed by the fast lane; [`Upstreams::raw_checkin`] gives it back.
+pub struct RawConn {
+    pub stream: TcpStream,
+    pub server: usize,
 }
 
 struct Idle {
@@ -77,6 +90,7 @@ impl Upstreams {
                 Arc::new(Upstream {
                     url: url.clone(),
                     idle: (0..slots).map(|_| Mutex::new(VecDeque::new())).collect(),
+                    raw_idle: (0..slots).map(|_| Mutex::new(Vec::new())).collect(),
                     max_idle: settings.upstream_max_idle.0,
                     idle_timeout: settings.upstream_idle_timeout.0,
                 })
@@ -118,18 +132,12 @@ impl Upstreams {
                 .await
             {
                 Ok(response) => {
-                    if index != first {
-                        self.current.store(index, Ordering::Relaxed);
-                        tracing::info!(upstream = %server.url, "upstream failover: now sending here first");
-                    }
+                    self.answered(index, first);
                     return Ok(response);
                 }
                 Err(Attempt::Failed(err)) => return Err(err),
                 Err(Attempt::NotSent(back, cause)) => {
-                    if step + 1 < self.servers.len() {
-                        crate::metrics::get().upstream_failovers.inc();
-                    }
-                    tracing::warn!(upstream = %server.url, %cause, "upstream not reachable; request not sent, trying the next");
+                    self.not_reached(index, step + 1 == self.servers.len(), &cause);
                     last = (server.url.to_string(), cause);
                     request = *back;
                 }
@@ -139,6 +147,78 @@ impl Upstreams {
             upstream: last.0,
             cause: last.1,
         })
+    }
+
+    /// How many servers there are, and which one to try first (the one that answered last).
+    pub fn order(&self) -> (usize, usize) {
+        (self.current.load(Ordering::Relaxed), self.servers.len())
+    }
+
+    /// Server `index`'s path prefix and `host:port`.
+    pub fn url(&self, index: usize) -> &UpstreamUrl {
+        &self.servers[index].url
+    }
+
+    /// Notes that server `index` answered after the first choice did not: it is tried first from now on.
+    pub fn answered(&self, index: usize, first: usize) {
+        if index != first {
+            self.current.store(index, Ordering::Relaxed);
+            tracing::info!(upstream = %self.servers[index].url, "upstream failover: now sending here first");
+        }
+    }
+
+    /// Notes that server `index` could not be reached and the request goes to the next one (or nowhere).
+    pub fn not_reached(&self, index: usize, last: bool, cause: &str) {
+        if !last {
+            crate::metrics::get().upstream_failovers.inc();
+        }
+        tracing::warn!(upstream = %self.servers[index].url, %cause, "upstream not reachable; request not sent, trying the next");
+    }
+
+    /// A plain connection to server `index` for the fast lane: an idle one of this thread's that is still open
+    /// (the server may have closed it meanwhile: then it reads as ended, and goes), else a new one. Nothing has
+    /// been sent on it when this returns, so an error here leaves the request free to go elsewhere.
+    pub async fn raw_connect(&self, index: usize) -> Result<RawConn, String> {
+        let server = &self.servers[index];
+        loop {
+            let idle = server
+                .raw_idle()
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop();
+            let Some(idle) = idle else { break };
+            if idle.since.elapsed() >= server.idle_timeout {
+                continue;
+            }
+            let mut probe = [0u8; 1];
+            // Open and quiet: `WouldBlock`. Ended (`Ok(0)`), failed, or with bytes nobody asked for: dropped.
+            if let Err(err) = idle.stream.try_read(&mut probe) {
+                if err.kind() == std::io::ErrorKind::WouldBlock {
+                    return Ok(RawConn {
+                        stream: idle.stream,
+                        server: index,
+                    });
+                }
+            }
+        }
+        let stream = server.dial(self.connect_timeout).await?;
+        Ok(RawConn {
+            stream,
+            server: index,
+        })
+    }
+
+    /// Gives back a connection whose last answer was read to its end, into this thread's pool.
+    pub fn raw_checkin(&self, conn: RawConn) {
+        let server = &self.servers[conn.server];
+        let mut idle = server.raw_idle().lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() >= server.max_idle {
+            idle.remove(0);
+        }
+        idle.push(RawIdle {
+            stream: conn.stream,
+            since: Instant::now(),
+        });
     }
 
     /// How long a server has to answer a request.
@@ -243,6 +323,11 @@ impl Upstream {
         }
     }
 
+    /// This thread's pool of plain connections.
+    fn raw_idle(&self) -> &Mutex<Vec<RawIdle>> {
+        &self.raw_idle[workers::slot() % self.raw_idle.len()]
+    }
+
     /// This thread's pool.
     fn idle(&self) -> &Mutex<VecDeque<Idle>> {
         &self.idle[workers::slot() % self.idle.len()]
@@ -284,10 +369,8 @@ impl Upstream {
         });
     }
 
-    async fn connect(
-        &self,
-        timeout: Duration,
-    ) -> Result<(SendRequest<ForwardBody>, Arc<TapCtl>), String> {
+    /// A new TCP connection to this server, within `timeout`.
+    async fn dial(&self, timeout: Duration) -> Result<TcpStream, String> {
         let stream =
             match tokio::time::timeout(timeout, TcpStream::connect(self.url.authority.as_str()))
                 .await
@@ -297,6 +380,14 @@ impl Upstream {
                 Err(_) => return Err(format!("connect: no answer within {timeout:?}")),
             };
         let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    async fn connect(
+        &self,
+        timeout: Duration,
+    ) -> Result<(SendRequest<ForwardBody>, Arc<TapCtl>), String> {
+        let stream = self.dial(timeout).await?;
         let ctl = Arc::new(TapCtl::default());
         let (send, conn) = hyper::client::conn::http1::Builder::new()
             .preserve_header_case(true)

@@ -250,6 +250,8 @@ pub enum Script {
     Slow(Duration, Vec<u8>),
     /// Close the connection without answering (after the request was read).
     Hangup,
+    /// Write these bytes, then close the connection (an answer delimited by the close).
+    Close(Vec<u8>),
 }
 
 /// A raw TCP upstream that records each request it reads (head and body, bytes as they came) and answers as
@@ -294,6 +296,10 @@ impl RawUpstream {
                                 }
                             }
                             Script::Hangup => return,
+                            Script::Close(bytes) => {
+                                let _ = stream.write_all(&bytes).await;
+                                return;
+                            }
                         }
                     }
                 });

@@ -1,0 +1,957 @@
+//! The fast lane: plain pass-through requests forwarded by runonce's own HTTP/1.1 code instead of hyper's.
+//!
+//! Why: a pass-through request through hyper crosses two dispatchers (server and client connection), a
+//! request channel, a body channel and a spawned check-in task, and builds two `HeaderMap`s with their
+//! header-case maps. `perf` put half of runonce's CPU per forwarded request in that user-space work, which
+//! kept pass-through below nginx's throughput (BENCHMARKS.md). The lane reads the request head with
+//! `httparse` (the parser hyper uses), writes it upstream as it came minus the hop-by-hop headers, and copies
+//! the answer back, all in the connection's task on plain sockets from a per-thread pool.
+//!
+//! The lane takes only what it can forward exactly; it is strict, and anything else goes to hyper:
+//! - a whole HTTP/1.1 request head in the bytes read so far, within `max_header_bytes` and `max_headers`;
+//! - an origin-form target of URI characters only, any method but `CONNECT`;
+//! - a body framed by at most one valid `Content-Length` within `body_limit`: no `Transfer-Encoding`, no
+//!   `Expect`, no `Upgrade`, and a `Connection` header naming only `close` or `keep-alive`;
+//! - a route the engine does not guard (guarded calls are read whole and keyed by `crate::guard`).
+//!
+//! Anything else, from the first request that does not qualify on, is **handed off** ([`Exit::HandOff`]):
+//! hyper serves the rest of the connection, starting with the bytes the lane read and did not use, exactly as
+//! if it had served the connection from its start. So every refusal (400, 413, 431, …), every guarded call
+//! and every unusual framing keeps one implementation, hyper's path in `proxy/mod.rs`. The hand-off happens
+//! only between requests, before anything of the handed request went anywhere.
+//!
+//! Forwarding keeps the promises of hyper's path: the same header rules (`headers.rs`: hop-by-hop removal,
+//! `X-Forwarded-For`/`-Proto`, `Host` when missing), the auth-header repair (`tap.rs`'s rule, on the head the
+//! lane reads), failover only while nothing was sent (a connect failure; a pooled connection that reads as
+//! closed is dropped before use), `upstream_timeout` up to the answer's head (504, never re-sent), and the
+//! same PowerJob-shaped error answers (`error::rescue`). Answers stream back as their upstream framed them
+//! (`Content-Length`, chunked, or up to the close); interim 1xx heads are dropped, as hyper's client does.
+//! Header names keep their case both ways.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::time::Instant;
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use http::{Method, Response};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::error::{rescue, ProxyError};
+use super::tap::{self, Fix};
+use super::Proxy;
+use crate::config::AuthHeader;
+use crate::powerjob;
+
+/// How a connection left the lane.
+pub enum Exit {
+    /// Closed: by the client, after `Connection: close`, an error answer, shutdown or the head time-out.
+    Done,
+    /// Not a request for the lane: hyper serves the connection from here, starting with these bytes.
+    HandOff(TcpStream, BytesMut),
+}
+
+/// Header slots for one head (hyper's server keeps as many); a request with more goes to hyper.
+const MAX_HEADERS: usize = 100;
+/// Largest upstream answer head the lane reads (as the tap's limit); a larger one is a 502.
+const MAX_ANSWER_HEAD: usize = tap::MAX_HEAD;
+/// Read size for bodies and heads.
+const READ_CHUNK: usize = 16 * 1024;
+
+/// Serves `client` while its requests are for the lane. `stopped` turns true at shutdown: the connection then
+/// ends after the request under way.
+pub async fn serve(
+    proxy: &Proxy,
+    client: TcpStream,
+    peer: SocketAddr,
+    mut stopped: watch::Receiver<bool>,
+) -> Exit {
+    let mut conn = Conn {
+        proxy,
+        client,
+        peer,
+        buf: BytesMut::with_capacity(READ_CHUNK),
+        up_buf: BytesMut::new(),
+        lines: Vec::with_capacity(1024),
+        wire: Vec::with_capacity(2048),
+    };
+    loop {
+        if *stopped.borrow() {
+            return Exit::Done;
+        }
+        // The next request's head, within `header_read_timeout` from here (hyper's slowloris guard).
+        let deadline = tokio::time::Instant::now() + proxy.header_read_timeout;
+        let request = loop {
+            if !conn.buf.is_empty() {
+                match conn.read_head() {
+                    Head::Request(request) => break request,
+                    Head::HandOff => return Exit::HandOff(conn.client, conn.buf),
+                    Head::Partial if conn.buf.len() > proxy.max_header_bytes => {
+                        return Exit::HandOff(conn.client, conn.buf)
+                    }
+                    Head::Partial => {}
+                }
+            }
+            conn.buf.reserve(READ_CHUNK);
+            let idle = conn.buf.is_empty();
+            let read = tokio::select! {
+                Ok(_) = stopped.wait_for(|stopped| *stopped), if idle => return Exit::Done,
+                read = tokio::time::timeout_at(deadline, conn.client.read_buf(&mut conn.buf)) => read,
+            };
+            match read {
+                Ok(Ok(0)) | Ok(Err(_)) => return Exit::Done,
+                Ok(Ok(_)) => {}
+                Err(_) if idle => return Exit::Done,
+                Err(_) => {
+                    tracing::info!(%peer, "closed a connection that sent no complete request head in time");
+                    return Exit::Done;
+                }
+            }
+        };
+        let closing = request.close || *stopped.borrow();
+        match conn.forward(&request, closing).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let _ = conn.client.shutdown().await;
+                return Exit::Done;
+            }
+            Err(Failure::Answer(err)) => {
+                conn.answer_error(&request, &err).await;
+                return Exit::Done;
+            }
+            Err(Failure::ClientGone) => return Exit::Done,
+        }
+    }
+}
+
+/// A connection handed to hyper: the bytes the lane read and did not use, then the connection itself.
+pub struct Rewind<T> {
+    read: BytesMut,
+    io: T,
+}
+
+impl<T> Rewind<T> {
+    pub fn new(io: T, read: BytesMut) -> Rewind<T> {
+        Rewind { read, io }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.read.is_empty() {
+            return Pin::new(&mut self.io).poll_read(cx, out);
+        }
+        let n = self.read.len().min(out.remaining());
+        out.put_slice(&self.read[..n]);
+        self.read.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// What the bytes read so far hold.
+enum Head {
+    /// A request for the lane, its head consumed.
+    Request(Request),
+    /// The start of a head: read on.
+    Partial,
+    /// A request for hyper's path.
+    HandOff,
+}
+
+/// A request the lane forwards. Its target and header lines are in [`Conn::lines`].
+struct Request {
+    method: Method,
+    /// The request target, as the client sent it.
+    target: Range<usize>,
+    /// The header lines as they go upstream (`Name: value\r\n` each), without `Host` when the client sent none.
+    headers: Range<usize>,
+    has_host: bool,
+    /// `Content-Length` (0 when absent).
+    body: u64,
+    /// The client asked to close after this request.
+    close: bool,
+    /// Apply the auth-header repair to the answer.
+    repair: bool,
+}
+
+/// Why a request ended without its answer streamed to the client.
+enum Failure {
+    /// Answered with runonce's error answer; the connection closes after it.
+    Answer(ProxyError),
+    /// The client connection failed: nothing can be answered.
+    ClientGone,
+}
+
+/// How the upstream framed its answer's body.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Framing {
+    /// No body (`HEAD`, 204, 304).
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Up to the upstream's close.
+    Close,
+}
+
+struct Conn<'a> {
+    proxy: &'a Proxy,
+    client: TcpStream,
+    peer: SocketAddr,
+    /// Bytes read from the client and not used yet (the next request's, once a request's head is read).
+    buf: BytesMut,
+    /// Bytes read from the upstream and not written yet.
+    up_buf: BytesMut,
+    /// The request's target and header lines, as they go upstream.
+    lines: Vec<u8>,
+    /// What is written next: the upstream request's head, or the client answer's head.
+    wire: Vec<u8>,
+}
+
+impl Conn<'_> {
+    /// Parses the head at the start of `buf` and, when the lane takes the request, consumes it and writes its
+    /// target and upstream header lines into `lines`. Nothing is consumed otherwise.
+    fn read_head(&mut self) -> Head {
+        match self.take_head() {
+            Ok(Some(request)) => Head::Request(request),
+            Ok(None) => Head::Partial,
+            Err(()) => Head::HandOff,
+        }
+    }
+
+    /// [`Self::read_head`]: `Ok(None)` for a partial head, `Err` to hand off.
+    fn take_head(&mut self) -> Result<Option<Request>, ()> {
+        let proxy = self.proxy;
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Request::new(&mut slots);
+        let len = match head.parse(&self.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            // Malformed heads, more than MAX_HEADERS headers: hyper's to refuse.
+            Err(_) => return Err(()),
+        };
+        if head.version != Some(1)
+            || len > proxy.max_header_bytes
+            || head.headers.len() > proxy.max_headers
+        {
+            return Err(());
+        }
+        let method = Method::from_bytes(head.method.ok_or(())?.as_bytes()).map_err(|_| ())?;
+        let target = head.path.ok_or(())?;
+        if method == Method::CONNECT
+            || !target.starts_with('/')
+            || !target.bytes().all(is_target_byte)
+        {
+            return Err(());
+        }
+        let lines = &mut self.lines;
+        lines.clear();
+        lines.extend_from_slice(target.as_bytes());
+        let header_start = lines.len();
+        let (mut body, mut close, mut has_host, mut has_proto) = (None, false, false, false);
+        let mut forwarded_for: Vec<&[u8]> = Vec::new();
+        for header in head.headers.iter() {
+            let (name, value) = (header.name, header.value.trim_ascii());
+            let is = |known: &str| name.eq_ignore_ascii_case(known);
+            if is("content-length") {
+                if body.is_some() {
+                    return Err(());
+                }
+                body = Some(parse_length(value).ok_or(())?);
+            } else if is("transfer-encoding") || is("expect") || is("upgrade") {
+                return Err(());
+            } else if is("connection") {
+                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        // It names a header to drop as hop-by-hop: rare enough to leave to hyper's path.
+                        return Err(());
+                    }
+                }
+                continue;
+            } else if is_hop_by_hop(name) {
+                continue;
+            } else if is("host") {
+                if has_host {
+                    return Err(());
+                }
+                has_host = true;
+            } else if is("x-forwarded-for") {
+                if !value.is_empty() && value.iter().all(|b| (0x20..0x7f).contains(b)) {
+                    forwarded_for.push(value);
+                }
+                continue;
+            } else if is("x-forwarded-proto") {
+                has_proto = true;
+            }
+            put_line(lines, name.as_bytes(), header.value);
+        }
+        let body = body.unwrap_or(0);
+        if body > proxy.body_limit {
+            return Err(());
+        }
+        // The endpoint as the server reads the path; a guarded one is the engine's, through hyper's path.
+        let path = target.split('?').next().unwrap_or(target);
+        let endpoint = powerjob::served_endpoint(path);
+        if let Some(endpoint) = &endpoint {
+            if proxy.guard.route(&method, endpoint).is_some() {
+                return Err(());
+            }
+            if endpoint == powerjob::AUTH_APP {
+                proxy.guard.note_auth(self.peer.ip());
+            }
+        }
+        // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
+        lines.extend_from_slice(b"X-Forwarded-For: ");
+        for earlier in forwarded_for {
+            lines.extend_from_slice(earlier);
+            lines.extend_from_slice(b", ");
+        }
+        let _ = write!(lines, "{}\r\n", self.peer.ip());
+        if !has_proto {
+            lines.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        }
+        let request = Request {
+            method,
+            target: 0..header_start,
+            headers: header_start..lines.len(),
+            has_host,
+            body,
+            close,
+            repair: proxy.auth_header == AuthHeader::Repair && endpoint.is_some(),
+        };
+        self.buf.advance(len);
+        Ok(Some(request))
+    }
+
+    /// Forwards `request` and streams the answer back. `Ok(true)`: the connection may carry another request.
+    async fn forward(&mut self, request: &Request, closing: bool) -> Result<bool, Failure> {
+        let metrics = crate::metrics::get();
+        metrics.passthrough();
+        let upstreams = self.proxy.upstreams();
+        let (first, count) = upstreams.order();
+        let mut upstream = None;
+        let mut last = (String::new(), String::new());
+        for step in 0..count {
+            let index = (first + step) % count;
+            match upstreams.raw_connect(index).await {
+                Ok(conn) => {
+                    upstream = Some(conn);
+                    break;
+                }
+                Err(cause) => {
+                    upstreams.not_reached(index, step + 1 == count, &cause);
+                    last = (upstreams.url(index).to_string(), cause);
+                }
+            }
+        }
+        let Some(mut upstream) = upstream else {
+            return Err(Failure::Answer(ProxyError::Unreachable {
+                upstream: last.0,
+                cause: last.1,
+            }));
+        };
+        let url = upstreams.url(upstream.server);
+        let started = Instant::now();
+        let timeout = upstreams.response_timeout();
+        let Conn {
+            client,
+            buf,
+            up_buf,
+            lines,
+            wire,
+            ..
+        } = self;
+        // The request's head, and as much of its body as was read with it, in one write.
+        wire.clear();
+        wire.extend_from_slice(request.method.as_str().as_bytes());
+        wire.push(b' ');
+        wire.extend_from_slice(url.base.as_bytes());
+        wire.extend_from_slice(&lines[request.target.clone()]);
+        wire.extend_from_slice(b" HTTP/1.1\r\n");
+        wire.extend_from_slice(&lines[request.headers.clone()]);
+        if !request.has_host {
+            put_line(wire, b"Host", url.authority.as_bytes());
+        }
+        wire.extend_from_slice(b"\r\n");
+        let with_head = buf.len().min(request.body as usize);
+        wire.extend_from_slice(&buf[..with_head]);
+        buf.advance(with_head);
+        let broken = |cause: String| {
+            Failure::Answer(ProxyError::Broken {
+                upstream: url.to_string(),
+                cause,
+            })
+        };
+        up_buf.clear();
+        let exchange = async {
+            let stream = &mut upstream.stream;
+            stream
+                .write_all(wire)
+                .await
+                .map_err(|err| broken(format!("write: {err}")))?;
+            let mut left = request.body - with_head as u64;
+            while left > 0 {
+                buf.reserve(READ_CHUNK);
+                match client.read_buf(buf).await {
+                    Ok(0) | Err(_) => {
+                        return Err(Failure::Answer(ProxyError::ClientBody {
+                            cause: format!(
+                                "the connection ended {left} bytes before the body's end"
+                            ),
+                        }))
+                    }
+                    Ok(_) => {}
+                }
+                let take = buf.len().min(left as usize);
+                stream
+                    .write_all(&buf[..take])
+                    .await
+                    .map_err(|err| broken(format!("write: {err}")))?;
+                buf.advance(take);
+                left -= take as u64;
+            }
+            read_answer_head(stream, up_buf, &broken).await
+        };
+        let len = match tokio::time::timeout(timeout, exchange).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Failure::Answer(ProxyError::Timeout {
+                    upstream: url.to_string(),
+                    timeout,
+                }))
+            }
+        };
+        upstreams.answered(upstream.server, first);
+        metrics
+            .upstream_passthrough
+            .observe(started.elapsed().as_secs_f64());
+        // The client's head: the upstream's, minus hop-by-hop headers, repaired.
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut slots);
+        head.parse(&up_buf[..len])
+            .map_err(|err| broken(format!("invalid answer head: {err}")))?;
+        let code = head.code.unwrap_or(0);
+        let framing = framing(&request.method, code, head.headers)
+            .ok_or_else(|| broken("invalid Content-Length in the answer".into()))?;
+        let upstream_close = head.version != Some(1)
+            || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
+        let close = closing || framing == Framing::Close;
+        let fix = (request.repair && code == 200)
+            .then(|| tap::auth_fix(head.headers, up_buf.as_ptr()))
+            .flatten();
+        let named = connection_names(head.headers);
+        wire.clear();
+        let _ = write!(wire, "HTTP/1.1 {code} {}\r\n", head.reason.unwrap_or(""));
+        for header in head.headers.iter() {
+            // A length beside chunked framing (or a close-delimited body) would mislead the client.
+            let stale_length = matches!(framing, Framing::Chunked | Framing::Close)
+                && header.name.eq_ignore_ascii_case("content-length");
+            if stale_length
+                || header.name.eq_ignore_ascii_case("connection")
+                || is_hop_by_hop(header.name)
+                || named
+                    .iter()
+                    .any(|n| n.eq_ignore_ascii_case(header.name.as_bytes()))
+            {
+                continue;
+            }
+            let renamed = matches!(fix, Some(Fix::Rename(at)) if header.name.as_ptr() as usize - up_buf.as_ptr() as usize == at);
+            let name = if renamed {
+                powerjob::AUTH_PASSED
+            } else {
+                header.name
+            };
+            put_line(wire, name.as_bytes(), header.value);
+        }
+        if fix.is_some() {
+            metrics.auth_headers_repaired.inc();
+        }
+        if fix == Some(Fix::Add) {
+            wire.extend_from_slice(tap::AUTH_LINE);
+        }
+        if close {
+            wire.extend_from_slice(b"Connection: close\r\n");
+        }
+        wire.extend_from_slice(b"\r\n");
+        up_buf.advance(len);
+        // The body: what came with the head goes out with it, the rest as it arrives.
+        let mut body = Body::new(framing);
+        let mut done = body
+            .take(up_buf, wire)
+            .map_err(|()| broken("invalid chunked body in the answer".into()))?;
+        client
+            .write_all(wire)
+            .await
+            .map_err(|_| Failure::ClientGone)?;
+        while !done {
+            up_buf.clear();
+            up_buf.reserve(READ_CHUNK);
+            match upstream.stream.read_buf(up_buf).await {
+                Ok(0) if framing == Framing::Close => break,
+                // Cut short: the client's answer cannot be completed; closing tells it so.
+                Ok(0) | Err(_) => {
+                    tracing::warn!(upstream = %url, "upstream answer ended before its body's end; closing the client connection");
+                    return Ok(false);
+                }
+                Ok(_) => {}
+            }
+            wire.clear();
+            done = match body.take(up_buf, wire) {
+                Ok(done) => done,
+                Err(()) => {
+                    tracing::warn!(upstream = %url, "invalid chunked body in an upstream answer; closing the client connection");
+                    return Ok(false);
+                }
+            };
+            client
+                .write_all(wire)
+                .await
+                .map_err(|_| Failure::ClientGone)?;
+        }
+        // Reused only when its answer ended exactly where its framing said.
+        if framing != Framing::Close && !upstream_close && up_buf.is_empty() {
+            upstreams.raw_checkin(upstream);
+        }
+        Ok(!close)
+    }
+
+    /// Writes runonce's answer for `err` (PowerJob-shaped, one log line) and lets the connection close.
+    async fn answer_error(&mut self, request: &Request, err: &ProxyError) {
+        let target = std::str::from_utf8(&self.lines[request.target.clone()]).unwrap_or("/");
+        let path = target.split('?').next().unwrap_or(target);
+        let response: Response<bytes::Bytes> = rescue(err, &request.method, path);
+        let wire = &mut self.wire;
+        wire.clear();
+        let status = response.status();
+        let _ = write!(
+            wire,
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        );
+        for (name, value) in response.headers() {
+            put_line(wire, name.as_str().as_bytes(), value.as_bytes());
+        }
+        let body = response.body();
+        let _ = write!(
+            wire,
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        wire.extend_from_slice(body);
+        if self.client.write_all(wire).await.is_ok() {
+            let _ = self.client.shutdown().await;
+        }
+    }
+}
+
+/// Reads the upstream's answer into `up_buf` until a final head is whole; returns the head's length. Interim
+/// (1xx) heads are dropped, as hyper's client drops them.
+async fn read_answer_head(
+    stream: &mut TcpStream,
+    up_buf: &mut BytesMut,
+    broken: &impl Fn(String) -> Failure,
+) -> Result<usize, Failure> {
+    loop {
+        if !up_buf.is_empty() {
+            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut head = httparse::Response::new(&mut slots);
+            match head.parse(up_buf) {
+                Ok(httparse::Status::Complete(len)) => match head.code {
+                    Some(101) => return Err(broken("an unrequested protocol switch (101)".into())),
+                    Some(100..=199) => {
+                        up_buf.advance(len);
+                        continue;
+                    }
+                    _ => return Ok(len),
+                },
+                Ok(httparse::Status::Partial) if up_buf.len() < MAX_ANSWER_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(broken(format!(
+                        "answer head larger than {MAX_ANSWER_HEAD} bytes"
+                    )))
+                }
+                Err(err) => return Err(broken(format!("invalid answer head: {err}"))),
+            }
+        }
+        up_buf.reserve(READ_CHUNK);
+        match stream.read_buf(up_buf).await {
+            Ok(0) => {
+                return Err(broken(
+                    "connection closed before a complete answer head".into(),
+                ))
+            }
+            Ok(_) => {}
+            Err(err) => return Err(broken(format!("read: {err}"))),
+        }
+    }
+}
+
+/// The answer's framing (RFC 9112 §6.3); `None` for a `Content-Length` that is invalid or repeated with
+/// another value.
+fn framing(method: &Method, code: u16, headers: &[httparse::Header<'_>]) -> Option<Framing> {
+    if *method == Method::HEAD || code == 204 || code == 304 {
+        return Some(Framing::Empty);
+    }
+    let mut length = None;
+    let mut chunked = None;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Chunked only when it is the last coding applied.
+            let last = header.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
+            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if header.name.eq_ignore_ascii_case("content-length") {
+            let value = parse_length(header.value.trim_ascii())?;
+            if length.is_some_and(|seen| seen != value) {
+                return None;
+            }
+            length = Some(value);
+        }
+    }
+    Some(match (chunked, length) {
+        (Some(true), _) => Framing::Chunked,
+        (Some(false), _) | (None, None) => Framing::Close,
+        (None, Some(length)) => Framing::Length(length),
+    })
+}
+
+/// The answer body's progress: how much of it is still to come.
+struct Body {
+    framing: Framing,
+    left: u64,
+    chunks: Chunks,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Body {
+        Body {
+            framing,
+            left: match framing {
+                Framing::Length(length) => length,
+                _ => 0,
+            },
+            chunks: Chunks::default(),
+        }
+    }
+
+    /// Moves the part of `from` that belongs to the body into `to`; `Ok(true)` once the body is complete.
+    /// What is left in `from` then came after the body's end. `Err` for a malformed chunked body.
+    fn take(&mut self, from: &mut BytesMut, to: &mut Vec<u8>) -> Result<bool, ()> {
+        let take = match self.framing {
+            Framing::Empty => 0,
+            Framing::Length(_) => {
+                let take = from.len().min(self.left as usize);
+                self.left -= take as u64;
+                take
+            }
+            Framing::Chunked => self.chunks.feed(from)?.unwrap_or(from.len()),
+            Framing::Close => from.len(),
+        };
+        to.extend_from_slice(&from[..take]);
+        from.advance(take);
+        Ok(match self.framing {
+            Framing::Empty => true,
+            Framing::Length(_) => self.left == 0,
+            Framing::Chunked => self.chunks.done,
+            Framing::Close => false,
+        })
+    }
+}
+
+/// A chunked body's parser (RFC 9112 §7.1), strict: sizes in hex of at most 16 digits, CRLF line ends,
+/// trailers read over. It only finds where the body ends; the bytes are forwarded as they came.
+#[derive(Default)]
+struct Chunks {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    done: bool,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Debug)]
+enum ChunkState {
+    #[default]
+    Size,
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+}
+
+impl Chunks {
+    /// Reads `data` on; `Ok(Some(n))` when the body ends after its first `n` bytes.
+    fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
+        use ChunkState::*;
+        let mut at = 0;
+        while at < data.len() {
+            if self.state == Data {
+                let take = (data.len() - at).min(self.size as usize);
+                self.size -= take as u64;
+                at += take;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                continue;
+            }
+            let byte = data[at];
+            at += 1;
+            self.state = match (self.state, byte) {
+                (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                    if self.digits == 16 {
+                        return Err(());
+                    }
+                    self.digits += 1;
+                    self.size = self.size << 4 | u64::from((byte as char).to_digit(16).ok_or(())?);
+                    Size
+                }
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err(()),
+                (Extension, _) => Extension,
+                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
+                (SizeLf, b'\n') => Data,
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => {
+                    self.digits = 0;
+                    Size
+                }
+                (TrailerStart, b'\r') => EndLf,
+                (Trailer, b'\r') => TrailerLf,
+                (TrailerStart | Trailer, b'\n') => return Err(()),
+                (TrailerStart | Trailer, _) => Trailer,
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => {
+                    self.done = true;
+                    return Ok(Some(at));
+                }
+                _ => return Err(()),
+            };
+        }
+        Ok(None)
+    }
+}
+
+/// Request-target bytes the lane forwards as they came: RFC 3986's unreserved, sub-delims, `:`, `@`, `/`, `?`
+/// and `%`. Anything else (a fragment, spaces, non-ASCII) goes to hyper's path, which parses the URI itself.
+fn is_target_byte(byte: u8) -> bool {
+    byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&byte)
+}
+
+/// A `Content-Length` value: 1 to 19 digits, nothing else.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// Headers that describe one connection, besides `Connection` itself (as `headers::remove_hop_by_hop`).
+fn is_hop_by_hop(name: &str) -> bool {
+    [
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "upgrade",
+    ]
+    .iter()
+    .any(|hop| name.eq_ignore_ascii_case(hop))
+}
+
+/// The tokens of every `Connection` header.
+fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<Item = &'h [u8]> {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+}
+
+/// The headers a `Connection` header names, to drop with it (besides its `close` and `keep-alive`).
+fn connection_names<'h>(headers: &'h [httparse::Header<'_>]) -> Vec<&'h [u8]> {
+    connection_tokens(headers)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !t.eq_ignore_ascii_case(b"keep-alive")
+        })
+        .collect()
+}
+
+fn put_line(to: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    to.extend_from_slice(name);
+    to.extend_from_slice(b": ");
+    to.extend_from_slice(value);
+    to.extend_from_slice(b"\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BODY: &[u8] = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+
+    #[test]
+    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end_however_it_is_split() {
+        let mut wire = BODY.to_vec();
+        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n"); // what follows is not the body's
+        for split in 0..=BODY.len() {
+            let mut chunks = Chunks::default();
+            let (a, b) = wire.split_at(split);
+            let end = match chunks.feed(a).unwrap() {
+                Some(end) => end,
+                None => {
+                    a.len()
+                        + chunks
+                            .feed(b)
+                            .unwrap()
+                            .expect("the body ends in the second part")
+                }
+            };
+            assert_eq!(end, BODY.len(), "split at {split}");
+            assert!(chunks.done);
+        }
+        let mut byte_by_byte = Chunks::default();
+        let ends: Vec<usize> = (0..BODY.len())
+            .filter(|&i| byte_by_byte.feed(&BODY[i..=i]).unwrap() == Some(1))
+            .collect();
+        assert_eq!(ends, vec![BODY.len() - 1]);
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        for bad in [
+            &b"\r\nhello"[..],          // no size
+            b"g\r\n",                   // not hex
+            b"5\nhello\r\n",            // bare LF after the size
+            b"5\r\nhelloX\r\n",         // no CRLF after the data
+            b"11111111111111111\r\n",   // 17 hex digits
+            b"0\r\nX-Trailer: 1\n\r\n", // bare LF in the trailers
+            b"5;ext\n",                 // bare LF after an extension
+        ] {
+            assert!(
+                Chunks::default().feed(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(Chunks::default().feed(b"0\r\n\r\n").unwrap(), Some(5));
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
+        let post = Method::POST;
+        assert_eq!(
+            framing(&Method::HEAD, 200, &[h("Content-Length", b"9")]),
+            Some(Framing::Empty)
+        );
+        assert_eq!(framing(&post, 204, &[]), Some(Framing::Empty));
+        assert_eq!(
+            framing(&post, 304, &[h("Content-Length", b"9")]),
+            Some(Framing::Empty)
+        );
+        assert_eq!(
+            framing(&post, 200, &[h("Content-Length", b"9")]),
+            Some(Framing::Length(9))
+        );
+        assert_eq!(
+            framing(
+                &post,
+                200,
+                &[h("Content-Length", b"9"), h("content-length", b"9")]
+            ),
+            Some(Framing::Length(9))
+        );
+        assert_eq!(
+            framing(
+                &post,
+                200,
+                &[h("Content-Length", b"9"), h("Content-Length", b"8")]
+            ),
+            None
+        );
+        assert_eq!(framing(&post, 200, &[h("Content-Length", b"+9")]), None);
+        assert_eq!(
+            framing(
+                &post,
+                200,
+                &[
+                    h("Transfer-Encoding", b"gzip, Chunked"),
+                    h("Content-Length", b"9")
+                ]
+            ),
+            Some(Framing::Chunked)
+        );
+        assert_eq!(
+            framing(&post, 200, &[h("Transfer-Encoding", b"chunked, gzip")]),
+            Some(Framing::Close)
+        );
+        assert_eq!(framing(&post, 200, &[]), Some(Framing::Close));
+    }
+
+    #[test]
+    fn lengths_and_targets_are_read_strictly() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"18446744073709551615"), None, "20 digits");
+        assert_eq!(parse_length(b"9223372036854775807"), Some(i64::MAX as u64));
+        for bad in [&b""[..], b"-1", b"+1", b"1 2", b"0x10", b"1,1"] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+        assert!("/openApi/runJob?appId=1&x=%20;a=b"
+            .bytes()
+            .all(is_target_byte));
+        for bad in ["/a b", "/a#frag", "/a\"", "/\u{e9}", "/a<b>", "/a\\b"] {
+            assert!(!bad.bytes().all(is_target_byte), "{bad}");
+        }
+    }
+}

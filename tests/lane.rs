@@ -296,3 +296,22 @@ async fn a_head_that_stops_halfway_is_closed_after_the_head_timeout() {
     assert!(read.is_ok(), "the connection was closed");
     assert_eq!(upstream.count(), 0);
 }
+
+/// `upstream_max_idle = 0` keeps no upstream connection: each request opens its own, and nothing fails.
+#[tokio::test]
+async fn with_no_idle_upstream_connections_allowed_each_request_opens_one() {
+    let upstream = RawUpstream::start(|request| Script::Answer(echo_path(request))).await;
+    let proxy = proxy(&[upstream.url()], &["--upstream-max-idle", "0"]);
+    let mut client = TcpStream::connect(proxy.addr("proxy")).await.unwrap();
+    for i in 0..3 {
+        client
+            .write_all(get(&format!("/n/{i}")).as_bytes())
+            .await
+            .unwrap();
+        assert_eq!(
+            read_response(&mut client).await.unwrap().text(),
+            format!("/n/{i}")
+        );
+    }
+    assert_eq!(upstream.connections(), 3);
+}

@@ -59,8 +59,8 @@ pub enum Exit {
 
 /// Header slots for one head (hyper's server keeps as many); a request with more goes to hyper.
 const MAX_HEADERS: usize = 100;
-/// Largest upstream answer head the lane reads (as the tap's limit); a larger one is a 502.
-const MAX_ANSWER_HEAD: usize = tap::MAX_HEAD;
+/// Largest upstream answer head the lane reads (about hyper's client read buffer limit); a larger one is a 502.
+const MAX_ANSWER_HEAD: usize = 400 * 1024;
 /// Read size for bodies and heads.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -114,8 +114,7 @@ pub async fn serve(
                 }
             }
         };
-        let closing = request.close || *stopped.borrow();
-        match conn.forward(&request, closing).await {
+        match conn.forward(&request, &stopped).await {
             Ok(true) => {}
             Ok(false) => {
                 let _ = conn.client.shutdown().await;
@@ -260,7 +259,7 @@ impl Conn<'_> {
         lines.extend_from_slice(target.as_bytes());
         let header_start = lines.len();
         let (mut body, mut close, mut has_host, mut has_proto) = (None, false, false, false);
-        let mut forwarded_for: Vec<&[u8]> = Vec::new();
+        let mut first_forwarded_for: Option<&[u8]> = None;
         for header in head.headers.iter() {
             let (name, value) = (header.name, header.value.trim_ascii());
             let is = |known: &str| name.eq_ignore_ascii_case(known);
@@ -289,9 +288,8 @@ impl Conn<'_> {
                 }
                 has_host = true;
             } else if is("x-forwarded-for") {
-                if !value.is_empty() && value.iter().all(|b| (0x20..0x7f).contains(b)) {
-                    forwarded_for.push(value);
-                }
+                // As `headers::add_forwarded`: the first such line only.
+                first_forwarded_for.get_or_insert(value);
                 continue;
             } else if is("x-forwarded-proto") {
                 has_proto = true;
@@ -315,7 +313,10 @@ impl Conn<'_> {
         }
         // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
         lines.extend_from_slice(b"X-Forwarded-For: ");
-        for earlier in forwarded_for {
+        // Kept when it reads as a header string (visible ASCII and tabs), as `HeaderValue::to_str` decides.
+        let earlier = first_forwarded_for
+            .filter(|v| !v.is_empty() && v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)));
+        if let Some(earlier) = earlier {
             lines.extend_from_slice(earlier);
             lines.extend_from_slice(b", ");
         }
@@ -337,7 +338,13 @@ impl Conn<'_> {
     }
 
     /// Forwards `request` and streams the answer back. `Ok(true)`: the connection may carry another request.
-    async fn forward(&mut self, request: &Request, closing: bool) -> Result<bool, Failure> {
+    /// The connection closes after it when the client asked, the answer is delimited by the close, or runonce
+    /// is shutting down (`stopped`).
+    async fn forward(
+        &mut self,
+        request: &Request,
+        stopped: &watch::Receiver<bool>,
+    ) -> Result<bool, Failure> {
         let metrics = crate::metrics::get();
         metrics.passthrough();
         let upstreams = self.proxy.upstreams();
@@ -396,34 +403,22 @@ impl Conn<'_> {
             })
         };
         up_buf.clear();
+        let mut cut_short = false;
+        let left = request.body - with_head as u64;
         let exchange = async {
             let stream = &mut upstream.stream;
-            stream
-                .write_all(wire)
-                .await
-                .map_err(|err| broken(format!("write: {err}")))?;
-            let mut left = request.body - with_head as u64;
-            while left > 0 {
-                buf.reserve(READ_CHUNK);
-                match client.read_buf(buf).await {
-                    Ok(0) | Err(_) => {
-                        return Err(Failure::Answer(ProxyError::ClientBody {
-                            cause: format!(
-                                "the connection ended {left} bytes before the body's end"
-                            ),
-                        }))
-                    }
-                    Ok(_) => {}
+            match send_request(stream, client, buf, wire, left, &broken).await {
+                Ok(()) => read_answer_head(stream, up_buf, &broken).await,
+                // The server may have answered early (a refusal) and closed before the body's end: its
+                // answer, if one came, is the client's; neither connection carries anything more.
+                Err(failure @ Failure::Answer(ProxyError::Broken { .. })) => {
+                    cut_short = true;
+                    read_answer_head(stream, up_buf, &broken)
+                        .await
+                        .map_err(|_| failure)
                 }
-                let take = buf.len().min(left as usize);
-                stream
-                    .write_all(&buf[..take])
-                    .await
-                    .map_err(|err| broken(format!("write: {err}")))?;
-                buf.advance(take);
-                left -= take as u64;
+                Err(failure) => Err(failure),
             }
-            read_answer_head(stream, up_buf, &broken).await
         };
         let len = match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result?,
@@ -448,7 +443,7 @@ impl Conn<'_> {
             .ok_or_else(|| broken("invalid Content-Length in the answer".into()))?;
         let upstream_close = head.version != Some(1)
             || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
-        let close = closing || framing == Framing::Close;
+        let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();
         let fix = (request.repair && code == 200)
             .then(|| tap::auth_fix(head.headers, up_buf.as_ptr()))
             .flatten();
@@ -522,7 +517,7 @@ impl Conn<'_> {
                 .map_err(|_| Failure::ClientGone)?;
         }
         // Reused only when its answer ended exactly where its framing said.
-        if framing != Framing::Close && !upstream_close && up_buf.is_empty() {
+        if framing != Framing::Close && !upstream_close && !cut_short && up_buf.is_empty() {
             upstreams.raw_checkin(upstream);
         }
         Ok(!close)
@@ -551,11 +546,48 @@ impl Conn<'_> {
             "Content-Length: {}\r\nConnection: close\r\n\r\n",
             body.len()
         );
-        wire.extend_from_slice(body);
+        if request.method != Method::HEAD {
+            wire.extend_from_slice(body);
+        }
         if self.client.write_all(wire).await.is_ok() {
             let _ = self.client.shutdown().await;
         }
     }
+}
+
+/// Writes the request's head (and the body bytes read with it, all in `wire`), then the `left` body bytes still
+/// to come from the client.
+async fn send_request(
+    stream: &mut TcpStream,
+    client: &mut TcpStream,
+    buf: &mut BytesMut,
+    wire: &[u8],
+    mut left: u64,
+    broken: &impl Fn(String) -> Failure,
+) -> Result<(), Failure> {
+    stream
+        .write_all(wire)
+        .await
+        .map_err(|err| broken(format!("write: {err}")))?;
+    while left > 0 {
+        buf.reserve(READ_CHUNK);
+        match client.read_buf(buf).await {
+            Ok(0) | Err(_) => {
+                return Err(Failure::Answer(ProxyError::ClientBody {
+                    cause: format!("the connection ended {left} bytes before the body's end"),
+                }))
+            }
+            Ok(_) => {}
+        }
+        let take = buf.len().min(left as usize);
+        stream
+            .write_all(&buf[..take])
+            .await
+            .map_err(|err| broken(format!("write: {err}")))?;
+        buf.advance(take);
+        left -= take as u64;
+    }
+    Ok(())
 }
 
 /// Reads the upstream's answer into `up_buf` until a final head is whole; returns the head's length. Interim
@@ -614,7 +646,9 @@ fn framing(method: &Method, code: u16, headers: &[httparse::Header<'_>]) -> Opti
             let last = header.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
             chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if header.name.eq_ignore_ascii_case("content-length") {
-            let value = parse_length(header.value.trim_ascii())?;
+            // Checked only without a transfer coding, beside which it is ignored (and not forwarded), as hyper's
+            // client ignores it. `u64::MAX`: invalid.
+            let value = parse_length(header.value.trim_ascii()).unwrap_or(u64::MAX);
             if length.is_some_and(|seen| seen != value) {
                 return None;
             }
@@ -624,6 +658,7 @@ fn framing(method: &Method, code: u16, headers: &[httparse::Header<'_>]) -> Opti
     Some(match (chunked, length) {
         (Some(true), _) => Framing::Chunked,
         (Some(false), _) | (None, None) => Framing::Close,
+        (None, Some(u64::MAX)) => return None,
         (None, Some(length)) => Framing::Length(length),
     })
 }

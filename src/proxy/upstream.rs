@@ -50,7 +50,7 @@ struct Upstream {
     /// never across an `.await`, and in practice only by its own thread.
     idle: Vec<Mutex<VecDeque<Idle>>>,
     /// Idle plain connections of the [fast lane](super::lane), per slot like `idle`.
-    raw_idle: Vec<Mutex<Vec<RawIdle>>>,
+    raw_idle: Vec<Mutex<VecDeque<RawIdle>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -90,7 +90,7 @@ impl Upstreams {
                 Arc::new(Upstream {
                     url: url.clone(),
                     idle: (0..slots).map(|_| Mutex::new(VecDeque::new())).collect(),
-                    raw_idle: (0..slots).map(|_| Mutex::new(Vec::new())).collect(),
+                    raw_idle: (0..slots).map(|_| Mutex::new(VecDeque::new())).collect(),
                     max_idle: settings.upstream_max_idle.0,
                     idle_timeout: settings.upstream_idle_timeout.0,
                 })
@@ -185,7 +185,7 @@ impl Upstreams {
                 .raw_idle()
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .pop();
+                .pop_back();
             let Some(idle) = idle else { break };
             if idle.since.elapsed() >= server.idle_timeout {
                 continue;
@@ -212,10 +212,19 @@ impl Upstreams {
     pub fn raw_checkin(&self, conn: RawConn) {
         let server = &self.servers[conn.server];
         let mut idle = server.raw_idle().lock().unwrap_or_else(|p| p.into_inner());
-        if idle.len() >= server.max_idle {
-            idle.remove(0);
+        // Expired ones go from the oldest end (closed by the server meanwhile or not: their sockets are let
+        // go), then the oldest while the pool is full; `upstream_max_idle = 0` keeps none.
+        while idle
+            .front()
+            .is_some_and(|oldest| oldest.since.elapsed() >= server.idle_timeout)
+            || (!idle.is_empty() && idle.len() >= server.max_idle)
+        {
+            idle.pop_front();
         }
-        idle.push(RawIdle {
+        if server.max_idle == 0 {
+            return;
+        }
+        idle.push_back(RawIdle {
             stream: conn.stream,
             since: Instant::now(),
         });
@@ -324,7 +333,7 @@ impl Upstream {
     }
 
     /// This thread's pool of plain connections.
-    fn raw_idle(&self) -> &Mutex<Vec<RawIdle>> {
+    fn raw_idle(&self) -> &Mutex<VecDeque<RawIdle>> {
         &self.raw_idle[workers::slot() % self.raw_idle.len()]
     }
 

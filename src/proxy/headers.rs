@@ -25,6 +25,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// Whether `name` is one of [`HOP_BY_HOP`] (`Connection` included), in any case: for heads read as bytes.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+}
+
 /// Drops hop-by-hop headers, including every header that `Connection` names. `Transfer-Encoding` goes too:
 /// hyper frames the message again on the other side.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

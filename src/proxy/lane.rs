@@ -44,6 +44,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::error::{rescue, ProxyError};
+use super::headers::is_hop_by_hop;
 use super::tap::{self, Fix};
 use super::Proxy;
 use crate::config::AuthHeader;
@@ -455,7 +456,6 @@ impl Conn<'_> {
             let stale_length = matches!(framing, Framing::Chunked | Framing::Close)
                 && header.name.eq_ignore_ascii_case("content-length");
             if stale_length
-                || header.name.eq_ignore_ascii_case("connection")
                 || is_hop_by_hop(header.name)
                 || named
                     .iter()
@@ -797,21 +797,6 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-/// Headers that describe one connection, besides `Connection` itself (as `headers::remove_hop_by_hop`).
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "upgrade",
-    ]
-    .iter()
-    .any(|hop| name.eq_ignore_ascii_case(hop))
 }
 
 /// The tokens of every `Connection` header.

@@ -268,3 +268,39 @@ async fn fail_open_never_forwards_a_duplicate_of_a_call_it_saw_in_flight() {
         "fail-open did not send it twice: {stats}"
     );
 }
+
+/// How many times Redis ran each of the scripting commands since the last `CONFIG RESETSTAT`.
+fn script_calls(redis: &RedisServer) -> (u64, u64) {
+    let stats = redis.query(&["INFO", "commandstats"]).expect("INFO answer");
+    let calls = |command: &str| {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:calls=")))
+            .map_or(0, |rest| rest.split(',').next().unwrap().parse().unwrap())
+    };
+    (calls("evalsha"), calls("eval"))
+}
+
+#[tokio::test]
+async fn a_delivered_call_costs_redis_two_scripts_and_its_delivery_is_recorded() {
+    let redis = RedisServer::start();
+    let mock = mock("v5.1.1-auth-off", 0);
+    let proxy = proxy(&[url(mock.addr("mock"))], &["--store", &redis.url()]);
+    let addr = proxy.addr("proxy");
+    // Loads the scripts (the first use of each is an EVAL after a NOSCRIPT).
+    assert_eq!(run_job(addr).await.status, 200);
+    redis.query(&["CONFIG", "RESETSTAT"]).expect("reset");
+    let body = "jobId=5&delay=0&appId=1&instanceParams=two-scripts";
+    let first = raw(addr, &form_post(RUN_JOB, body, "")).await.unwrap();
+    assert_eq!(first.status, 200);
+    // Claim, then complete with the delivery in the same write: no third script to mark it delivered.
+    assert_eq!(script_calls(&redis), (2, 0));
+    // The delivery was recorded: an identical call now is a deliberate repeat, a new instance.
+    let repeat = raw(addr, &form_post(RUN_JOB, body, "")).await.unwrap();
+    assert_eq!(repeat.exact("Idempotent-Replayed"), None);
+    assert_ne!(
+        first.json().unwrap()["data"],
+        repeat.json().unwrap()["data"]
+    );
+    assert_eq!(instances(&mock).await, 3);
+}

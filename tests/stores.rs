@@ -149,7 +149,7 @@ async fn fencing(store: &AnyStore) {
     let first = lead(store, &key, &info).await;
     for forged in ["", "not-a-token", "0123456789abcdef0123456789abcdef"] {
         assert!(!store
-            .complete(&key, forged, &answer(), window)
+            .complete(&key, forged, &answer(), window, false)
             .await
             .unwrap());
         assert!(!store.release(&key, forged).await.unwrap());
@@ -161,7 +161,7 @@ async fn fencing(store: &AnyStore) {
     assert_ne!(first, second);
     // The first leader is fenced out of the second one's record.
     assert!(!store
-        .complete(&key, &first, &answer(), window)
+        .complete(&key, &first, &answer(), window, false)
         .await
         .unwrap());
     assert!(!store.release(&key, &first).await.unwrap());
@@ -175,15 +175,15 @@ async fn fencing(store: &AnyStore) {
     // The leader completes once (a repeat, as after a lost reply, is acknowledged and changes nothing); a
     // settled record takes no other change.
     assert!(store
-        .complete(&key, &second, &answer(), window)
+        .complete(&key, &second, &answer(), window, false)
         .await
         .unwrap());
     assert!(store
-        .complete(&key, &second, &answer(), window)
+        .complete(&key, &second, &answer(), window, false)
         .await
         .unwrap());
     assert!(!store
-        .complete(&key, &first, &answer(), window)
+        .complete(&key, &first, &answer(), window, false)
         .await
         .unwrap());
     assert!(!store.release(&key, &second).await.unwrap());
@@ -207,7 +207,7 @@ async fn lease_runs_out(store: &AnyStore) {
     );
     assert!(!store.renew(&key, &token, info.lease).await.unwrap());
     assert!(!store
-        .complete(&key, &token, &answer(), info.window)
+        .complete(&key, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let found = existing(store, &key, &info).await;
@@ -227,7 +227,7 @@ async fn complete_is_byte_exact(store: &AnyStore) {
     let info = info(5_000, 60_000);
     let token = lead(store, &key, &info).await;
     assert!(store
-        .complete(&key, &token, &answer(), info.window)
+        .complete(&key, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let expected = State::Done {
@@ -248,7 +248,7 @@ async fn complete_is_byte_exact(store: &AnyStore) {
         body: Bytes::new(),
     };
     assert!(store
-        .complete(&other, &token, &empty, info.window)
+        .complete(&other, &token, &empty, info.window, false)
         .await
         .unwrap());
     assert_eq!(
@@ -258,6 +258,54 @@ async fn complete_is_byte_exact(store: &AnyStore) {
             delivered: false
         }
     );
+}
+
+/// A completion can record the delivery in the same write; a repeated completion by the same leader may add
+/// it (a retry after a lost reply), never take it back, and changes nothing else.
+async fn complete_records_the_delivery(store: &AnyStore) {
+    let info = info(5_000, 60_000);
+    let done = |delivered| State::Done {
+        response: answer(),
+        delivered,
+    };
+    let key = key();
+    let token = lead(store, &key, &info).await;
+    assert!(store
+        .complete(&key, &token, &answer(), info.window, true)
+        .await
+        .unwrap());
+    assert_eq!(record(store, &key).await.state, done(true));
+    assert!(store
+        .complete(&key, &token, &answer(), info.window, false)
+        .await
+        .unwrap());
+    assert_eq!(
+        record(store, &key).await.state,
+        done(true),
+        "never taken back"
+    );
+
+    let key = self::key();
+    let token = lead(store, &key, &info).await;
+    assert!(store
+        .complete(&key, &token, &answer(), info.window, false)
+        .await
+        .unwrap());
+    assert_eq!(record(store, &key).await.state, done(false));
+    assert!(!store
+        .complete(&key, "another-token", &answer(), info.window, true)
+        .await
+        .unwrap());
+    assert_eq!(
+        record(store, &key).await.state,
+        done(false),
+        "only its leader's"
+    );
+    assert!(store
+        .complete(&key, &token, &answer(), info.window, true)
+        .await
+        .unwrap());
+    assert_eq!(record(store, &key).await.state, done(true));
 }
 
 /// A release frees the key: the next claim leads with a new token.
@@ -285,7 +333,7 @@ async fn delivered_then_takeover(store: &AnyStore) {
         "in flight"
     );
     assert!(store
-        .complete(&key, &first, &answer(), info.window)
+        .complete(&key, &first, &answer(), info.window, false)
         .await
         .unwrap());
     assert!(!store.mark_delivered(&key, "someone-else").await.unwrap());
@@ -339,7 +387,7 @@ async fn takeover_refused_unless_delivered(store: &AnyStore) {
     let done = key();
     let token = lead(store, &done, &info).await;
     assert!(store
-        .complete(&done, &token, &answer(), info.window)
+        .complete(&done, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let Claim::Existing(found) = store.takeover(&done, &token, &info).await.unwrap() else {
@@ -375,7 +423,7 @@ async fn window_expiry(store: &AnyStore) {
     let done = key();
     let token = lead(store, &done, &info).await;
     assert!(store
-        .complete(&done, &token, &answer(), short)
+        .complete(&done, &token, &answer(), short, false)
         .await
         .unwrap());
     let unknown = key();
@@ -420,7 +468,7 @@ async fn in_flight_outlives_its_window_while_renewed(store: &AnyStore) {
         (State::InFlight, token.as_str())
     );
     assert!(store
-        .complete(&key, &token, &answer(), Duration::from_secs(60))
+        .complete(&key, &token, &answer(), Duration::from_secs(60), false)
         .await
         .unwrap());
 }
@@ -450,7 +498,7 @@ async fn changed_wakes_waiters(store: &AnyStore) {
         let waiting = waiter(store, &key);
         tokio::time::sleep(Duration::from_millis(300)).await;
         let changed = match change {
-            "complete" => store.complete(&key, &token, &answer(), window).await,
+            "complete" => store.complete(&key, &token, &answer(), window, false).await,
             "release" => store.release(&key, &token).await,
             _ => store.mark_unknown(&key, &token, window).await,
         };
@@ -540,6 +588,7 @@ conformance!(
     fencing,
     lease_runs_out,
     complete_is_byte_exact,
+    complete_records_the_delivery,
     release_then_claim_leads,
     delivered_then_takeover,
     takeover_refused_unless_delivered,
@@ -588,7 +637,7 @@ async fn assert_wakes(a: &AnyStore, b: &AnyStore) {
     let waiting = waiter(a, &key);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(b
-        .complete(&key, &token, &answer(), info.window)
+        .complete(&key, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let waited = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -616,7 +665,7 @@ async fn redis_stopped_fails_fast_and_the_same_store_works_after_a_restart() {
     assert_fails_fast("get", store.get(&before)).await;
     assert_fails_fast(
         "complete",
-        store.complete(&before, &token, &answer(), info.window),
+        store.complete(&before, &token, &answer(), info.window, false),
     )
     .await;
     assert_fails_fast("renew", store.renew(&before, &token, info.lease)).await;
@@ -714,7 +763,7 @@ async fn redis_paused_times_out_then_works_after_resume() {
     );
     assert!(store.renew(&before, &token, info.lease).await.unwrap());
     assert!(store
-        .complete(&before, &token, &answer(), info.window)
+        .complete(&before, &token, &answer(), info.window, false)
         .await
         .unwrap());
 }
@@ -736,7 +785,7 @@ async fn two_redis_stores_on_one_redis_share_records_and_wake_each_other() {
     let waiting = waiter(&b, &key);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(a
-        .complete(&key, &token, &answer(), info.window)
+        .complete(&key, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let waited = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -810,7 +859,11 @@ async fn redis_publishes_a_settled_record_only_when_someone_waits() {
     for (i, key) in quiet.iter().enumerate() {
         let token = lead(&store, key, &info).await;
         let settled = match i {
-            0 => store.complete(key, &token, &answer(), info.window).await,
+            0 => {
+                store
+                    .complete(key, &token, &answer(), info.window, false)
+                    .await
+            }
             1 => store.release(key, &token).await,
             _ => store.mark_unknown(key, &token, info.window).await,
         };
@@ -831,7 +884,7 @@ async fn redis_publishes_a_settled_record_only_when_someone_waits() {
     )
     .await;
     assert!(store
-        .complete(&waited, &token, &answer(), info.window)
+        .complete(&waited, &token, &answer(), info.window, false)
         .await
         .unwrap());
     let took = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -908,7 +961,7 @@ async fn redis_record_layout_ttls_and_the_clock() {
 
     // Complete: the bytes as they came, the window from now.
     assert!(store
-        .complete(&key, &token, &answer(), Duration::from_secs(7))
+        .complete(&key, &token, &answer(), Duration::from_secs(7), false)
         .await
         .unwrap());
     let name = hash_name(&key);
@@ -982,7 +1035,7 @@ async fn redis_garbage_in_a_record_is_a_store_error_not_a_panic() {
         assert_eq!(store.claim(key, &info).await.unwrap_err().op, "claim");
     }
     assert!(store
-        .complete(&string, "x", &answer(), info.window)
+        .complete(&string, "x", &answer(), info.window, false)
         .await
         .is_err());
     // The store still works.
@@ -1075,7 +1128,7 @@ async fn redis_cluster_listener_skips_a_dead_seed_and_hears_every_node() {
         let waiting = waiter(&store, &key);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(store
-            .complete(&key, &token, &answer(), info.window)
+            .complete(&key, &token, &answer(), info.window, false)
             .await
             .unwrap());
         let waited = tokio::time::timeout(Duration::from_secs(10), waiting)

@@ -3,7 +3,8 @@
 //! A guarded request is read whole, keyed ([`key`]: its fingerprint, or its `Idempotency-Key`) and claimed in
 //! the store. Then it takes one of three roles:
 //! - **leader**: the key was free. Its upstream call runs in a task of its own, which renews the lease, finishes
-//!   and records the outcome ([`outcome`]) even when the client goes away.
+//!   and records the outcome ([`outcome`]) even when the client goes away. A definite answer is stored with its
+//!   delivery in one write, when the client's connection takes it (`Completion`).
 //! - **waiter**: the call is in flight. It sleeps until the record changes ([`Store::changed`]), then shares
 //!   the leader's answer, or claims again if the leader released the key.
 //! - **hit**: an answer is stored. It is replayed (`Idempotent-Replayed: true`) when the duplicate is a retry:
@@ -32,7 +33,9 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{request, response, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
@@ -151,8 +154,9 @@ impl From<StoreError> for Failure {
 struct Led {
     parts: response::Parts,
     body: Bytes,
-    /// The outcome was stored as done: the answer's delivery is recorded.
-    stored: bool,
+    /// A definite answer still to be stored: when the client's connection takes it, or without the delivery
+    /// when it never does.
+    completion: Option<Completion>,
 }
 
 impl Guard {
@@ -480,7 +484,7 @@ impl Guard {
     /// Runs the call as the leader. It already runs in the guarded request's own task (see [`Self::handle`]),
     /// so the call finishes and its outcome is recorded whatever happens to the client.
     async fn lead(
-        &self,
+        self: &Arc<Self>,
         store: &AnyStore,
         call: &Call,
         token: String,
@@ -493,16 +497,17 @@ impl Guard {
         metrics.inflight_keys.dec();
         seen.outcome = Some(outcome);
         let led = led?;
-        let mark = led.stored.then(|| (store.clone(), call.key.clone(), token));
-        Ok(Response::from_parts(
-            led.parts,
-            delivered_body(led.body, mark),
-        ))
+        let body = Answer::new(led.body);
+        let body = match led.completion {
+            Some(completion) => body.record_delivery(completion.delivered()),
+            None => body,
+        };
+        Ok(Response::from_parts(led.parts, body))
     }
 
     /// The upstream call with its lease renewed, then the outcome recorded; returns the outcome too.
     async fn lead_call(
-        &self,
+        self: &Arc<Self>,
         store: &AnyStore,
         call: &Call,
         token: &str,
@@ -513,8 +518,11 @@ impl Guard {
         // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
         let (parts, body) = (call.parts.clone(), call.body.clone());
         let renew = async {
-            let mut every = tokio::time::interval(self.lease / 3);
-            every.tick().await;
+            // The first tick one period from now: `interval`'s immediate first tick would register a timer
+            // due at once, and tokio wakes its own driver (an eventfd write) for every timer due before the
+            // one it sleeps until, on each guarded call.
+            let period = self.lease / 3;
+            let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
             loop {
                 every.tick().await;
                 match store.renew(key, token, self.lease).await {
@@ -561,18 +569,30 @@ impl Guard {
                         head: head.unwrap_or_else(|| render_head(&led.parts)),
                         body: led.body.clone(),
                     };
-                    led.stored = true;
-                    (
-                        metrics::Outcome::done,
-                        self.record(store, call, token, Verdict::Done(stored)).await,
-                        Ok(led),
-                    )
+                    // Stored with its delivery in one write, when the client's connection takes the answer
+                    // (see `Completion`): the usual call then costs the store two operations, not three.
+                    led.completion = Some(Completion {
+                        guard: Arc::clone(self),
+                        store: store.clone(),
+                        key: key.clone(),
+                        window: call.info.window,
+                        token: token.to_string(),
+                        stored: Some(stored),
+                        _pending: self.tracker.token(),
+                    });
+                    return (metrics::Outcome::done, Ok(led));
                 }
                 Outcome::Release(why) => {
                     tracing::debug!(key = key.prefix(), why, "released");
                     (
                         metrics::Outcome::released,
-                        self.record(store, call, token, Verdict::Release).await,
+                        self.record(
+                            store,
+                            (&call.key, call.info.window),
+                            token,
+                            Verdict::Release,
+                        )
+                        .await,
                         Ok(led),
                     )
                 }
@@ -584,7 +604,13 @@ impl Guard {
                     );
                     (
                         metrics::Outcome::unknown,
-                        self.record(store, call, token, Verdict::Unknown).await,
+                        self.record(
+                            store,
+                            (&call.key, call.info.window),
+                            token,
+                            Verdict::Unknown,
+                        )
+                        .await,
                         Ok(led),
                     )
                 }
@@ -599,32 +625,29 @@ impl Guard {
                 );
                 (
                     metrics::Outcome::unknown,
-                    self.record(store, call, token, Verdict::Unknown).await,
+                    self.record(
+                        store,
+                        (&call.key, call.info.window),
+                        token,
+                        Verdict::Unknown,
+                    )
+                    .await,
                     Err(err),
                 )
             }
             Err(err) => (
                 metrics::Outcome::released,
-                self.record(store, call, token, Verdict::Release).await,
+                self.record(
+                    store,
+                    (&call.key, call.info.window),
+                    token,
+                    Verdict::Release,
+                )
+                .await,
                 Err(err),
             ),
         };
-        let recorded = matches!(change, Ok(true));
-        match change {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(
-                key = key.prefix(),
-                "the key was no longer this leader's: outcome not recorded"
-            ),
-            Err(err) => {
-                metrics.store_errors.inc();
-                tracing::warn!(key = key.prefix(), %err, "outcome not recorded yet; retrying while the lease lasts, else the key turns unknown");
-            }
-        }
-        let result = result.map(|mut led| {
-            led.stored &= recorded;
-            led
-        });
+        note_change(key, change);
         (outcome, result)
     }
 
@@ -636,11 +659,10 @@ impl Guard {
     async fn record(
         &self,
         store: &AnyStore,
-        call: &Call,
+        (key, window): (&Key, Duration),
         token: &str,
         verdict: Verdict,
     ) -> Result<bool, StoreError> {
-        let (key, window) = (&call.key, call.info.window);
         let first = verdict.write(store, key, token, window).await;
         if first.is_ok() {
             return first;
@@ -726,10 +748,71 @@ impl Guard {
             Led {
                 parts,
                 body,
-                stored: false,
+                completion: None,
             },
             head,
         ))
+    }
+}
+
+/// Logs a leader's record write that did not land (`Ok(false)`: its key was taken from it).
+fn note_change(key: &Key, change: Result<bool, StoreError>) {
+    match change {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(
+            key = key.prefix(),
+            "the key was no longer this leader's: outcome not recorded"
+        ),
+        Err(err) => {
+            metrics::get().store_errors.inc();
+            tracing::warn!(key = key.prefix(), %err, "outcome not recorded yet; retrying while the lease lasts, else the key turns unknown");
+        }
+    }
+}
+
+/// A leader's definite answer, stored in one write with its delivery: as delivered when the client's connection
+/// takes the body ([`Completion::delivered`], before the data goes out, as [`Store::mark_delivered`] would be),
+/// as not delivered when the body is dropped unread (the client went away). Until then the key stays in flight
+/// (duplicates wait, and are woken by the write), and the task tracker counts the completion, so that shutdown
+/// waits for it. The write runs in a tracked task of its own: it lands even when the body is dropped mid-way.
+struct Completion {
+    guard: Arc<Guard>,
+    store: AnyStore,
+    key: Key,
+    window: Duration,
+    token: String,
+    /// Taken by the one write.
+    stored: Option<Stored>,
+    _pending: TaskTrackerToken,
+}
+
+impl Completion {
+    /// Stores the answer as delivered; resolves when the write landed or failed (then it is retried in the
+    /// background).
+    async fn delivered(mut self) {
+        if let Some(write) = self.write(true) {
+            let _ = write.await;
+        }
+    }
+
+    fn write(&mut self, delivered: bool) -> Option<JoinHandle<()>> {
+        let stored = self.stored.take()?;
+        let (guard, store) = (Arc::clone(&self.guard), self.store.clone());
+        let (key, window, token) = (self.key.clone(), self.window, self.token.clone());
+        Some(self.guard.tracker.spawn(async move {
+            let verdict = Verdict::Done { stored, delivered };
+            let change = guard.record(&store, (&key, window), &token, verdict).await;
+            note_change(&key, change);
+        }))
+    }
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        // Outside a runtime (only while the process ends) nothing can be written: the key turns unknown.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.write(false);
+        }
     }
 }
 
@@ -887,8 +970,8 @@ fn render_head(parts: &response::Parts) -> Bytes {
 
 /// What a leader's call left on its key.
 enum Verdict {
-    /// An answer to keep for the window.
-    Done(Stored),
+    /// An answer to keep for the window; `delivered` when the client's connection takes it.
+    Done { stored: Stored, delivered: bool },
     /// Nothing was created: the key is free again.
     Release,
     /// The server may have acted: kept, never re-sent.
@@ -904,7 +987,9 @@ impl Verdict {
         window: Duration,
     ) -> Result<bool, StoreError> {
         match self {
-            Verdict::Done(stored) => store.complete(key, token, stored, window).await,
+            Verdict::Done { stored, delivered } => {
+                store.complete(key, token, stored, window, *delivered).await
+            }
             Verdict::Release => store.release(key, token).await,
             Verdict::Unknown => store.mark_unknown(key, token, window).await,
         }

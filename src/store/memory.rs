@@ -182,22 +182,30 @@ impl Store for MemoryStore {
         token: &str,
         response: &Stored,
         window: Duration,
+        delivered: bool,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
         if inner.leader_entry(key, token, now).is_none() {
-            // Already done by this leader (as Redis answers a script retried after a lost reply): no change.
-            let done = inner
-                .entries
-                .get(key)
-                .is_some_and(|e| e.owner == token && matches!(e.phase, Phase::Done { .. }));
-            return Ok(done);
+            // Already done by this leader (as Redis answers a script retried after a lost reply): no change
+            // but the delivery.
+            return Ok(match inner.entries.get_mut(key) {
+                Some(Entry {
+                    phase: Phase::Done { delivered: d, .. },
+                    owner,
+                    ..
+                }) if owner == token => {
+                    *d |= delivered;
+                    true
+                }
+                _ => false,
+            });
         }
         inner.settle(
             key,
             Phase::Done {
                 response: own_copy(response),
-                delivered: false,
+                delivered,
             },
             now + window,
         );
@@ -442,7 +450,13 @@ mod tests {
             panic!()
         };
         store
-            .complete(&key(1), &delivered, &answer(), Duration::from_secs(10))
+            .complete(
+                &key(1),
+                &delivered,
+                &answer(),
+                Duration::from_secs(10),
+                false,
+            )
             .await
             .unwrap();
         store.mark_delivered(&key(1), &delivered).await.unwrap();
@@ -450,7 +464,13 @@ mod tests {
             panic!()
         };
         store
-            .complete(&key(2), &undelivered, &answer(), Duration::from_secs(10))
+            .complete(
+                &key(2),
+                &undelivered,
+                &answer(),
+                Duration::from_secs(10),
+                false,
+            )
             .await
             .unwrap();
         let Claim::Leader(unknown) = claim(3).await.unwrap() else {
@@ -485,7 +505,7 @@ mod tests {
             panic!()
         };
         store
-            .complete(&key(1), &token, &response, Duration::from_secs(10))
+            .complete(&key(1), &token, &response, Duration::from_secs(10), false)
             .await
             .unwrap();
         let Some(Record {
@@ -511,7 +531,7 @@ mod tests {
                 panic!()
             };
             store
-                .complete(&key(n), &token, &answer(), Duration::from_secs(1))
+                .complete(&key(n), &token, &answer(), Duration::from_secs(1), false)
                 .await
                 .unwrap();
         }
@@ -553,7 +573,7 @@ mod tests {
         };
         assert_eq!(record.state, State::Unknown);
         assert!(!store
-            .complete(&key(1), &token, &answer(), Duration::from_secs(60))
+            .complete(&key(1), &token, &answer(), Duration::from_secs(60), false)
             .await
             .unwrap());
     }

@@ -205,14 +205,16 @@ pub trait Store: Send + Sync {
         lease: Duration,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Stores the definite answer for `window` from now. `true` also when this leader already did (a retry
-    /// after a lost reply), changing nothing.
+    /// Stores the definite answer for `window` from now, `delivered` when it goes to the client's connection
+    /// right after (so the usual call needs no [`Store::mark_delivered`]). `true` also when this leader already
+    /// did (a retry after a lost reply), changing nothing but `delivered`, which it may set.
     fn complete(
         &self,
         key: &Key,
         token: &str,
         response: &Stored,
         window: Duration,
+        delivered: bool,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Deletes the record (nothing was created): the next duplicate runs.
@@ -296,8 +298,9 @@ impl Store for AnyStore {
         token: &str,
         response: &Stored,
         window: Duration,
+        delivered: bool,
     ) -> Result<bool, StoreError> {
-        each!(self, s => s.complete(key, token, response, window).await)
+        each!(self, s => s.complete(key, token, response, window, delivered).await)
     }
 
     async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {

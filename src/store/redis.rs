@@ -469,8 +469,10 @@ impl Store for RedisStore {
         token: &str,
         response: &Stored,
         window: Duration,
+        delivered: bool,
     ) -> Result<bool, StoreError> {
         let (window, status) = (millis(window), response.status.to_string());
+        let delivered: &[u8] = if delivered { b"1" } else { b"0" };
         self.change(
             "complete",
             &scripts().complete,
@@ -481,6 +483,7 @@ impl Store for RedisStore {
                 status.as_bytes(),
                 &response.head,
                 &response.body,
+                delivered,
             ],
         )
         .await

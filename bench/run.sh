@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The runonce load benchmark: every scenario against every system in one run, on this machine, loopback only.
 #
-#   bench/run.sh                 full run (about 5 minutes), table on stdout and in BENCHMARKS.md
+#   bench/run.sh                 full run (about 6 minutes), table on stdout and in BENCHMARKS.md
 #   bench/run.sh --smoke         a few seconds per row, no soak worth the name; for tests/bench_smoke.rs
 #
 # Options:

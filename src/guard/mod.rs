@@ -33,7 +33,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{request, response, HeaderMap, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Either, Full, Limited};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
@@ -578,6 +577,7 @@ impl Guard {
                         window: call.info.window,
                         token: token.to_string(),
                         stored: Some(stored),
+                        delivered: false,
                         _pending: self.tracker.token(),
                     });
                     return (metrics::Outcome::done, Ok(led));
@@ -774,15 +774,18 @@ fn note_change(key: &Key, change: Result<bool, StoreError>) {
 /// takes the body ([`Completion::delivered`], before the data goes out, as [`Store::mark_delivered`] would be),
 /// as not delivered when the body is dropped unread (the client went away). Until then the key stays in flight
 /// (duplicates wait, and are woken by the write), and the task tracker counts the completion, so that shutdown
-/// waits for it. The write runs in a tracked task of its own: it lands even when the body is dropped mid-way.
+/// waits for it. A write that did not finish (the body dropped while it ran) is run again in a tracked task of
+/// its own: the store's scripts are idempotent for their leader, so a second landing changes nothing.
 struct Completion {
     guard: Arc<Guard>,
     store: AnyStore,
     key: Key,
     window: Duration,
     token: String,
-    /// Taken by the one write.
+    /// The answer, until a write of it finished.
     stored: Option<Stored>,
+    /// The client's connection took the body: a write still owed on drop stores it as delivered.
+    delivered: bool,
     _pending: TaskTrackerToken,
 }
 
@@ -790,29 +793,39 @@ impl Completion {
     /// Stores the answer as delivered; resolves when the write landed or failed (then it is retried in the
     /// background).
     async fn delivered(mut self) {
-        if let Some(write) = self.write(true) {
-            let _ = write.await;
-        }
-    }
-
-    fn write(&mut self, delivered: bool) -> Option<JoinHandle<()>> {
-        let stored = self.stored.take()?;
-        let (guard, store) = (Arc::clone(&self.guard), self.store.clone());
-        let (key, window, token) = (self.key.clone(), self.window, self.token.clone());
-        Some(self.guard.tracker.spawn(async move {
-            let verdict = Verdict::Done { stored, delivered };
-            let change = guard.record(&store, (&key, window), &token, verdict).await;
-            note_change(&key, change);
-        }))
+        self.delivered = true;
+        let Some(stored) = self.stored.clone() else {
+            return;
+        };
+        let verdict = Verdict::Done {
+            stored,
+            delivered: true,
+        };
+        let change = (self.guard)
+            .record(&self.store, (&self.key, self.window), &self.token, verdict)
+            .await;
+        self.stored = None;
+        note_change(&self.key, change);
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
+        let Some(stored) = self.stored.take() else {
+            return;
+        };
         // Outside a runtime (only while the process ends) nothing can be written: the key turns unknown.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.write(false);
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
         }
+        let (guard, store) = (Arc::clone(&self.guard), self.store.clone());
+        let (key, window, token) = (self.key.clone(), self.window, self.token.clone());
+        let delivered = self.delivered;
+        self.guard.tracker.spawn(async move {
+            let verdict = Verdict::Done { stored, delivered };
+            let change = guard.record(&store, (&key, window), &token, verdict).await;
+            note_change(&key, change);
+        });
     }
 }
 

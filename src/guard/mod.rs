@@ -555,6 +555,8 @@ impl Guard {
         seen.upstream = Some(took);
         metrics.upstream_guarded(&call.route.name, took);
         let keep_business_errors = self.policy.load().keep_business_errors;
+        // Where a verdict is recorded: the key, kept for the call's window.
+        let at = (key, call.info.window);
         let (outcome, change, result) = match led {
             Ok((mut led, head)) => match outcome::classify(
                 led.parts.status.as_u16(),
@@ -586,13 +588,7 @@ impl Guard {
                     tracing::debug!(key = key.prefix(), why, "released");
                     (
                         metrics::Outcome::released,
-                        self.record(
-                            store,
-                            (&call.key, call.info.window),
-                            token,
-                            Verdict::Release,
-                        )
-                        .await,
+                        self.record(store, at, token, Verdict::Release).await,
                         Ok(led),
                     )
                 }
@@ -604,13 +600,7 @@ impl Guard {
                     );
                     (
                         metrics::Outcome::unknown,
-                        self.record(
-                            store,
-                            (&call.key, call.info.window),
-                            token,
-                            Verdict::Unknown,
-                        )
-                        .await,
+                        self.record(store, at, token, Verdict::Unknown).await,
                         Ok(led),
                     )
                 }
@@ -625,25 +615,13 @@ impl Guard {
                 );
                 (
                     metrics::Outcome::unknown,
-                    self.record(
-                        store,
-                        (&call.key, call.info.window),
-                        token,
-                        Verdict::Unknown,
-                    )
-                    .await,
+                    self.record(store, at, token, Verdict::Unknown).await,
                     Err(err),
                 )
             }
             Err(err) => (
                 metrics::Outcome::released,
-                self.record(
-                    store,
-                    (&call.key, call.info.window),
-                    token,
-                    Verdict::Release,
-                )
-                .await,
+                self.record(store, at, token, Verdict::Release).await,
                 Err(err),
             ),
         };

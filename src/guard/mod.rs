@@ -573,12 +573,14 @@ impl Guard {
                     // Stored with its delivery in one write, when the client's connection takes the answer
                     // (see `Completion`): the usual call then costs the store two operations, not three.
                     led.completion = Some(Completion {
-                        guard: Arc::clone(self),
-                        store: store.clone(),
-                        key: key.clone(),
-                        window: call.info.window,
-                        token: token.to_string(),
-                        stored: Some(stored),
+                        write: Some(Write {
+                            guard: Arc::clone(self),
+                            store: store.clone(),
+                            key: key.clone(),
+                            window: call.info.window,
+                            token: token.to_string(),
+                            stored,
+                        }),
                         delivered: false,
                         _pending: self.tracker.token(),
                     });
@@ -755,16 +757,36 @@ fn note_change(key: &Key, change: Result<bool, StoreError>) {
 /// waits for it. A write that did not finish (the body dropped while it ran) is run again in a tracked task of
 /// its own: the store's scripts are idempotent for their leader, so a second landing changes nothing.
 struct Completion {
+    /// The write, until it finished.
+    write: Option<Write>,
+    /// The client's connection took the body: a write still owed on drop stores it as delivered.
+    delivered: bool,
+    _pending: TaskTrackerToken,
+}
+
+/// A leader's answer and where it goes.
+struct Write {
     guard: Arc<Guard>,
     store: AnyStore,
     key: Key,
     window: Duration,
     token: String,
-    /// The answer, until a write of it finished.
-    stored: Option<Stored>,
-    /// The client's connection took the body: a write still owed on drop stores it as delivered.
-    delivered: bool,
-    _pending: TaskTrackerToken,
+    stored: Stored,
+}
+
+impl Write {
+    async fn run(&self, delivered: bool) {
+        let verdict = Verdict::Done {
+            stored: self.stored.clone(),
+            delivered,
+        };
+        let at = (&self.key, self.window);
+        let change = self
+            .guard
+            .record(&self.store, at, &self.token, verdict)
+            .await;
+        note_change(&self.key, change);
+    }
 }
 
 impl Completion {
@@ -772,38 +794,24 @@ impl Completion {
     /// background).
     async fn delivered(mut self) {
         self.delivered = true;
-        let Some(stored) = self.stored.clone() else {
-            return;
-        };
-        let verdict = Verdict::Done {
-            stored,
-            delivered: true,
-        };
-        let change = (self.guard)
-            .record(&self.store, (&self.key, self.window), &self.token, verdict)
-            .await;
-        self.stored = None;
-        note_change(&self.key, change);
+        if let Some(write) = &self.write {
+            write.run(true).await;
+        }
+        self.write = None;
     }
 }
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        let Some(stored) = self.stored.take() else {
+        let Some(write) = self.write.take() else {
             return;
         };
         // Outside a runtime (only while the process ends) nothing can be written: the key turns unknown.
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let delivered = self.delivered;
+            let tracker = write.guard.tracker.clone();
+            tracker.spawn(async move { write.run(delivered).await });
         }
-        let (guard, store) = (Arc::clone(&self.guard), self.store.clone());
-        let (key, window, token) = (self.key.clone(), self.window, self.token.clone());
-        let delivered = self.delivered;
-        self.guard.tracker.spawn(async move {
-            let verdict = Verdict::Done { stored, delivered };
-            let change = guard.record(&store, (&key, window), &token, verdict).await;
-            note_change(&key, change);
-        });
     }
 }
 

@@ -272,7 +272,7 @@ impl Conn<'_> {
             } else if is("transfer-encoding") || is("expect") || is("upgrade") {
                 return Err(());
             } else if is("connection") {
-                for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                for token in tokens(value) {
                     if token.eq_ignore_ascii_case(b"close") {
                         close = true;
                     } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
@@ -799,13 +799,17 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// The comma-separated tokens of one header value, trimmed.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
+}
+
 /// The tokens of every `Connection` header.
 fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<Item = &'h [u8]> {
     headers
         .iter()
         .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| h.value.split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
+        .flat_map(|h| tokens(h.value))
 }
 
 /// The headers a `Connection` header names, to drop with it (besides its `close` and `keep-alive`).

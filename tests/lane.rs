@@ -297,6 +297,46 @@ async fn a_head_that_stops_halfway_is_closed_after_the_head_timeout() {
     assert_eq!(upstream.count(), 0);
 }
 
+/// The head and answer time limits start anew with each request on a kept-alive connection: requests that
+/// each keep within them pass, however long the connection has lived, and the first one over a limit fails.
+#[tokio::test]
+async fn time_limits_start_anew_with_each_request_on_a_connection() {
+    for lane in LANES {
+        let upstream = RawUpstream::start(|request| {
+            if request.starts_with(b"GET /too-slow") {
+                Script::Slow(Duration::from_secs(2), echo_path(request))
+            } else {
+                Script::Slow(Duration::from_millis(150), echo_path(request))
+            }
+        })
+        .await;
+        let limits = [
+            "--fast-lane",
+            lane,
+            "--upstream-timeout",
+            "400ms",
+            "--header-read-timeout",
+            "400ms",
+        ];
+        let proxy = proxy(&[upstream.url()], &limits);
+        let mut client = TcpStream::connect(proxy.addr("proxy")).await.unwrap();
+        // Four answers of 150 ms and three pauses of 250 ms: about 1.4 s, well past either limit from the start.
+        for i in 0..4 {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            let path = format!("/ok-{i}");
+            client.write_all(get(&path).as_bytes()).await.unwrap();
+            let response = read_response(&mut client).await.unwrap();
+            assert_eq!(response.text(), path, "lane {lane}");
+        }
+        client.write_all(get("/too-slow").as_bytes()).await.unwrap();
+        let response = read_response(&mut client).await.unwrap();
+        assert_eq!(response.status, 504, "lane {lane}");
+        assert_eq!(upstream.count(), 5, "lane {lane}: each request went once");
+    }
+}
+
 /// `upstream_max_idle = 0` keeps no upstream connection: each request opens its own, and nothing fails.
 #[tokio::test]
 async fn with_no_idle_upstream_connections_allowed_each_request_opens_one() {

@@ -81,13 +81,15 @@ pub async fn serve(
         up_buf: BytesMut::new(),
         lines: Vec::with_capacity(1024),
         wire: Vec::with_capacity(2048),
+        answer_due: Deadline::new(),
     };
+    let mut head_due = Deadline::new();
     loop {
         if *stopped.borrow() {
             return Exit::Done;
         }
         // The next request's head, within `header_read_timeout` from here (hyper's slowloris guard).
-        let deadline = tokio::time::Instant::now() + proxy.header_read_timeout;
+        head_due.set(proxy.header_read_timeout);
         let request = loop {
             if !conn.buf.is_empty() {
                 match conn.read_head() {
@@ -102,14 +104,16 @@ pub async fn serve(
             conn.buf.reserve(READ_CHUNK);
             let idle = conn.buf.is_empty();
             let read = tokio::select! {
+                biased;
+                read = conn.client.read_buf(&mut conn.buf) => Some(read),
+                () = head_due.elapsed() => None,
                 Ok(_) = stopped.wait_for(|stopped| *stopped), if idle => return Exit::Done,
-                read = tokio::time::timeout_at(deadline, conn.client.read_buf(&mut conn.buf)) => read,
             };
             match read {
-                Ok(Ok(0)) | Ok(Err(_)) => return Exit::Done,
-                Ok(Ok(_)) => {}
-                Err(_) if idle => return Exit::Done,
-                Err(_) => {
+                Some(Ok(0)) | Some(Err(_)) => return Exit::Done,
+                Some(Ok(_)) => {}
+                None if idle => return Exit::Done,
+                None => {
                     tracing::info!(%peer, "closed a connection that sent no complete request head in time");
                     return Exit::Done;
                 }
@@ -217,6 +221,34 @@ struct Conn<'a> {
     lines: Vec<u8>,
     /// What is written next: the upstream request's head, or the client answer's head.
     wire: Vec<u8>,
+    /// When the upstream's answer head is due (`upstream_timeout`).
+    answer_due: Deadline,
+}
+
+/// A connection's time limit for one phase (reading a request head, waiting for an answer head), set anew for
+/// each request. One timer per connection and phase: each is only ever moved later (the same limit from a
+/// later start), which tokio does without a lock and without waking its driver. A fresh `timeout` per request
+/// registered and removed a timer under the driver's lock each time, and one due before the driver's next
+/// wake-up wrote to its eventfd: measured in BENCHMARKS.md.
+struct Deadline(Pin<Box<tokio::time::Sleep>>);
+
+impl Deadline {
+    fn new() -> Deadline {
+        // Not registered with the driver until first set and polled.
+        Deadline(Box::pin(tokio::time::sleep_until(
+            tokio::time::Instant::now(),
+        )))
+    }
+
+    /// Due `limit` from now.
+    fn set(&mut self, limit: std::time::Duration) {
+        self.0.as_mut().reset(tokio::time::Instant::now() + limit);
+    }
+
+    /// Resolves when the limit last set has passed.
+    fn elapsed(&mut self) -> &mut Pin<Box<tokio::time::Sleep>> {
+        &mut self.0
+    }
 }
 
 impl Conn<'_> {
@@ -380,6 +412,7 @@ impl Conn<'_> {
             up_buf,
             lines,
             wire,
+            answer_due,
             ..
         } = self;
         // The request's head, and as much of its body as was read with it, in one write.
@@ -421,9 +454,11 @@ impl Conn<'_> {
                 Err(failure) => Err(failure),
             }
         };
-        let len = match tokio::time::timeout(timeout, exchange).await {
-            Ok(result) => result?,
-            Err(_) => {
+        answer_due.set(timeout);
+        let len = tokio::select! {
+            biased;
+            result = exchange => result?,
+            () = answer_due.elapsed() => {
                 return Err(Failure::Answer(ProxyError::Timeout {
                     upstream: url.to_string(),
                     timeout,

@@ -126,6 +126,10 @@ settings! {
     /// Threads serving client connections, each with its own upstream connections (thread-per-core); 0: one per
     /// CPU core.
     workers: Count = Count(0), flag "workers";
+    /// Run the worker threads under Linux's `SCHED_BATCH` policy: a worker woken by a socket waits for the
+    /// thread on its CPU to end its turn instead of preempting it (their fair share of CPU is unchanged). false:
+    /// the normal policy.
+    batch_scheduling: Switch = Switch(true), flag "batch-scheduling";
     /// Forward plain pass-through requests with runonce's own HTTP/1.1 code (the fast lane) instead of hyper's;
     /// anything else on the connection still goes through hyper. Only without TLS and access rules.
     fast_lane: Switch = Switch(true), flag "fast-lane";

@@ -167,7 +167,10 @@ async fn serve_proxy(
     let graceful = GracefulShutdown::new();
     // Connections are served on the worker threads; dropped at the end of this function, they end once the
     // connections were drained (or cut off).
-    let mut workers = Workers::start(crate::workers::count(settings.workers.0))?;
+    let mut workers = Workers::start(
+        crate::workers::count(settings.workers.0),
+        settings.batch_scheduling.0,
+    )?;
     loop {
         let permit = tokio::select! {
             permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),

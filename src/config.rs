@@ -316,6 +316,18 @@ impl Settings {
         if let Some((key, value)) = durations.iter().find(|(_, d)| d.0 > year) {
             return Err(ConfigError::new(*key, value, "must be at most 365 days"));
         }
+        // A leader's whole call is bounded by upstream_timeout; a duplicate waiting for it must see its end,
+        // or it is told 409 while the call may still succeed.
+        if self.wait_timeout.0 < self.upstream_timeout.0 {
+            return Err(ConfigError::new(
+                "wait_timeout",
+                self.wait_timeout,
+                format!(
+                    "must be at least upstream_timeout ({}): a duplicate waits for the whole leader call",
+                    self.upstream_timeout
+                ),
+            ));
+        }
         // The leader renews every third of its lease, and a renewal may take up to store_timeout.
         if self.lease.0 < self.store_timeout.0 * 2 {
             return Err(ConfigError::new(

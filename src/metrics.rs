@@ -90,6 +90,8 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct OutcomeLabel {
     pub outcome: Outcome,
+    /// Why (see `guard::outcome`'s table).
+    pub reason: crate::guard::outcome::Reason,
 }
 
 /// The route label of every pass-through request: routes not guarded are not told apart (their names come from
@@ -220,7 +222,7 @@ impl Metrics {
         let outcomes = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "leader_outcomes",
-            "How leaders' calls ended: done (answer stored), released (nothing created), unknown",
+            "How leaders' calls ended: done (answer stored), released (nothing created), unknown; reason says why",
             outcomes.clone(),
         );
         let memory_evictions = Counter::default();
@@ -300,8 +302,10 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    pub fn outcome(&self, outcome: Outcome) {
-        self.outcomes.get_or_create(&OutcomeLabel { outcome }).inc();
+    pub fn outcome(&self, outcome: Outcome, reason: crate::guard::outcome::Reason) {
+        self.outcomes
+            .get_or_create(&OutcomeLabel { outcome, reason })
+            .inc();
     }
 
     pub fn reload(&self, result: ReloadResult) {

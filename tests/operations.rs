@@ -119,7 +119,7 @@ async fn metrics_count_a_known_traffic_mix() {
         ("runonce_upstream_passthrough_seconds_count".into(), 2.0),
         ("runonce_wait_seconds_count".into(), 1.0),
         (
-            "runonce_leader_outcomes_total{outcome=\"done\"}".into(),
+            "runonce_leader_outcomes_total{outcome=\"done\",reason=\"success\"}".into(),
             2.0,
         ),
     ];
@@ -133,12 +133,31 @@ async fn metrics_count_a_known_traffic_mix() {
 #[tokio::test]
 async fn a_full_memory_store_evicts_only_delivered_answers_and_counts_them() {
     let mock = mock("v5.1.1-auth-off", 0);
-    let proxy = proxy(&[url(mock.addr("mock"))], &["--memory-max-keys", "2"]);
+    // A delivered answer is evictable once it settled a wait_timeout ago (waiters may still read it before).
+    let proxy = proxy(
+        &[url(mock.addr("mock"))],
+        &[
+            "--memory-max-keys",
+            "2",
+            "--wait-timeout",
+            "300ms",
+            "--upstream-timeout",
+            "300ms",
+        ],
+    );
     let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
-    for job in 1..=3 {
+    for job in 1..=2 {
         let answer = run_job(addr, &format!("jobId={job}&appId=1"), "").await;
         assert_eq!(answer.status, 200, "{}", answer.text());
     }
+    let refused = run_job(addr, "jobId=3&appId=1", "").await;
+    assert_eq!(
+        refused.status, 503,
+        "both answers settled just now: none evictable"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let answer = run_job(addr, "jobId=3&appId=1", "").await;
+    assert_eq!(answer.status, 200, "{}", answer.text());
     // The third claim found two delivered answers and dropped the oldest.
     let text = scrape(admin).await;
     assert_eq!(

@@ -56,7 +56,7 @@ fn answer() -> Stored {
 }
 
 fn memory() -> AnyStore {
-    AnyStore::Memory(Arc::new(MemoryStore::new(10_000)))
+    AnyStore::Memory(Arc::new(MemoryStore::new(10_000, Duration::from_secs(30))))
 }
 
 /// A Redis store whose listener is subscribed (so a test's first change already wakes waiters).
@@ -152,11 +152,14 @@ async fn fencing(store: &AnyStore) {
             .complete(&key, forged, &answer(), window, false)
             .await
             .unwrap());
-        assert!(!store.release(&key, forged).await.unwrap());
-        assert!(!store.mark_unknown(&key, forged, window).await.unwrap());
+        assert!(!store.release(&key, forged, None).await.unwrap());
+        assert!(!store
+            .mark_unknown(&key, forged, window, None)
+            .await
+            .unwrap());
         assert!(!store.renew(&key, forged, info.lease).await.unwrap());
     }
-    assert!(store.release(&key, &first).await.unwrap());
+    assert!(store.release(&key, &first, None).await.unwrap());
     let second = lead(store, &key, &info).await;
     assert_ne!(first, second);
     // The first leader is fenced out of the second one's record.
@@ -164,8 +167,11 @@ async fn fencing(store: &AnyStore) {
         .complete(&key, &first, &answer(), window, false)
         .await
         .unwrap());
-    assert!(!store.release(&key, &first).await.unwrap());
-    assert!(!store.mark_unknown(&key, &first, window).await.unwrap());
+    assert!(!store.release(&key, &first, None).await.unwrap());
+    assert!(!store
+        .mark_unknown(&key, &first, window, None)
+        .await
+        .unwrap());
     assert!(!store.renew(&key, &first, info.lease).await.unwrap());
     let now = record(store, &key).await;
     assert_eq!(
@@ -186,7 +192,7 @@ async fn fencing(store: &AnyStore) {
         .complete(&key, &first, &answer(), window, false)
         .await
         .unwrap());
-    assert!(!store.release(&key, &second).await.unwrap());
+    assert!(!store.release(&key, &second, None).await.unwrap());
     assert!(!store.renew(&key, &second, info.lease).await.unwrap());
     assert!(matches!(
         record(store, &key).await.state,
@@ -215,8 +221,11 @@ async fn lease_runs_out(store: &AnyStore) {
         (found.state, found.owner.as_str()),
         (State::Unknown, token.as_str())
     );
-    assert!(!store.release(&key, &token).await.unwrap());
-    assert!(!store.mark_unknown(&key, &token, info.window).await.unwrap());
+    assert!(!store.release(&key, &token, None).await.unwrap());
+    assert!(!store
+        .mark_unknown(&key, &token, info.window, None)
+        .await
+        .unwrap());
     // Never re-run automatically: a later claim still finds it unknown.
     assert_eq!(existing(store, &key, &info).await.state, State::Unknown);
 }
@@ -313,8 +322,14 @@ async fn release_then_claim_leads(store: &AnyStore) {
     let key = key();
     let info = info(5_000, 60_000);
     let first = lead(store, &key, &info).await;
-    assert!(store.release(&key, &first).await.unwrap());
-    assert_eq!(store.get(&key).await.unwrap(), None);
+    assert!(store.release(&key, &first, None).await.unwrap());
+    // The record stays a little while, released, for the duplicates that waited; a claim takes it.
+    let released = store
+        .get(&key)
+        .await
+        .unwrap()
+        .expect("kept for the waiters");
+    assert_eq!((released.state, released.answer), (State::Released, None));
     let second = lead(store, &key, &info).await;
     assert_ne!(first, second);
     // Purge deletes whatever is there, once.
@@ -407,7 +422,7 @@ async fn takeover_refused_unless_delivered(store: &AnyStore) {
     };
     assert_eq!((found.state, found.owner), (State::InFlight, token.clone()));
     assert!(store
-        .mark_unknown(&in_flight, &token, info.window)
+        .mark_unknown(&in_flight, &token, info.window, None)
         .await
         .unwrap());
     let Claim::Existing(found) = store.takeover(&in_flight, &token, &info).await.unwrap() else {
@@ -428,7 +443,10 @@ async fn window_expiry(store: &AnyStore) {
         .unwrap());
     let unknown = key();
     let token = lead(store, &unknown, &info).await;
-    assert!(store.mark_unknown(&unknown, &token, short).await.unwrap());
+    assert!(store
+        .mark_unknown(&unknown, &token, short, None)
+        .await
+        .unwrap());
     let abandoned = key();
     lead(store, &abandoned, &info).await;
     let started = Instant::now();
@@ -499,8 +517,8 @@ async fn changed_wakes_waiters(store: &AnyStore) {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let changed = match change {
             "complete" => store.complete(&key, &token, &answer(), window, false).await,
-            "release" => store.release(&key, &token).await,
-            _ => store.mark_unknown(&key, &token, window).await,
+            "release" => store.release(&key, &token, None).await,
+            _ => store.mark_unknown(&key, &token, window, None).await,
         };
         assert!(changed.unwrap());
         let waited = tokio::time::timeout(Duration::from_secs(10), waiting)
@@ -864,8 +882,8 @@ async fn redis_publishes_a_settled_record_only_when_someone_waits() {
                     .complete(key, &token, &answer(), info.window, false)
                     .await
             }
-            1 => store.release(key, &token).await,
-            _ => store.mark_unknown(key, &token, info.window).await,
+            1 => store.release(key, &token, None).await,
+            _ => store.mark_unknown(key, &token, info.window, None).await,
         };
         assert!(settled.unwrap());
     }
@@ -1063,7 +1081,7 @@ async fn redis_waiter_registry_empties_when_waiters_leave() {
     })
     .await;
     for (key, token) in &keys {
-        assert!(store.release(key, token).await.unwrap());
+        assert!(store.release(key, token, None).await.unwrap());
     }
     for waiting in waiters {
         let waited = tokio::time::timeout(Duration::from_secs(10), waiting)

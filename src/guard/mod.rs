@@ -5,8 +5,10 @@
 //! - **leader**: the key was free. Its upstream call runs in a task of its own, which renews the lease, finishes
 //!   and records the outcome ([`outcome`]) even when the client goes away. A definite answer is stored with its
 //!   delivery in one write, when the client's connection takes it (`Completion`).
-//! - **waiter**: the call is in flight. It sleeps until the record changes ([`Store::changed`]), then shares
-//!   the leader's answer, or claims again if the leader released the key.
+//! - **waiter**: the call is in flight. It shares the leader's outcome, whatever it is (stored, released or
+//!   unknown): a waiter never sends the call itself. A leader in this process is joined in memory
+//!   ([`flights`], consulted before and after the store); one elsewhere is waited for on the store
+//!   ([`Store::changed`]). A record that vanishes under a waiter proves nothing: 409, never a second call.
 //! - **hit**: an answer is stored. It is replayed (`Idempotent-Replayed: true`) when the duplicate is a retry:
 //!   nobody received the answer yet, the same `Idempotency-Key`, the 5.1.0 client's re-send after `/authApp`,
 //!   or `after_delivery = "replay"`. Otherwise (a client received it) the duplicate is a new call: it takes the
@@ -16,17 +18,19 @@
 //! accepted its token ([`auth`]).
 //!
 //! An `unknown` key (the server may have acted, no answer is known) is never re-run: 409 with `Retry-After`.
-//! When the store fails, the route's policy answers: `fail-closed` (503) or `fail-open` (an in-process store).
+//! A duplicate told 409 because the call still ran is owed the answer: the record says so, and its retry is
+//! replayed on any replica. When the store fails, the route's policy answers: `fail-closed` (503) or
+//! `fail-open` (an in-process store, behind the same registry of this process's leaders).
 
 pub mod auth;
+pub mod flights;
 pub mod heads;
 pub mod key;
 pub mod outcome;
 pub mod routes;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,8 +50,9 @@ use crate::proxy::tap::Arm;
 use crate::proxy::upstream::Upstreams;
 use crate::store::memory::MemoryStore;
 use crate::store::{AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use flights::{Flight, Flights, Shared};
 use heads::Heads;
-use outcome::Outcome;
+use outcome::{Outcome, Reason};
 use routes::{Route, Routes};
 
 /// The request header a client may key its request with (IETF httpapi idempotency-key draft).
@@ -63,21 +68,21 @@ const POLL: Duration = Duration::from_millis(250);
 /// The 5.1.0 client re-sends right after `/authApp`: a duplicate this soon after one from the same address is
 /// that re-send.
 const RESEND_AFTER_AUTH: Duration = Duration::from_secs(1);
-/// Most client addresses whose `/authApp` calls are remembered.
-const MAX_AUTH_CALLS: usize = 4096;
 
 /// The engine, shared by every connection.
 pub struct Guard {
     store: AnyStore,
     /// De-duplication within this process when the store fails on a `fail-open` route.
     fallback: AnyStore,
+    /// The leaders this process runs: consulted before and after the store.
+    flights: Arc<Flights>,
     /// What a configuration reload may change; read once per request (one atomic load).
     policy: ArcSwap<Policy>,
     upstreams: Arc<Upstreams>,
     lease: Duration,
-    /// When each client address last called `/authApp` (the 5.1.0 re-send signature). Only noted when the
-    /// auth header is not repaired: with the repair the 5.1.0 client never re-sends.
-    auth_calls: Option<Mutex<HashMap<IpAddr, Instant>>>,
+    /// Whether `/authApp` calls are noted in the store (the 5.1.0 re-send signature): only when the auth
+    /// header is not repaired; with the repair the 5.1.0 client never re-sends.
+    notes_auth: bool,
     /// Parsed heads of stored answers, for replays.
     heads: Heads,
     /// Every guarded request's decision task, so that shutdown can wait for leaders to finish.
@@ -115,8 +120,8 @@ struct Seen {
     waited_since: Option<Instant>,
     /// How long its upstream call took (leaders).
     upstream: Option<Duration>,
-    /// The leader's outcome.
-    outcome: Option<metrics::Outcome>,
+    /// The leader's outcome, and why.
+    outcome: Option<(metrics::Outcome, Reason)>,
 }
 
 /// One guarded request, keyed.
@@ -160,15 +165,18 @@ struct Led {
 
 impl Guard {
     pub fn new(settings: &Settings, store: AnyStore, upstreams: Arc<Upstreams>) -> Guard {
-        let fallback = AnyStore::Memory(Arc::new(MemoryStore::new(settings.memory_max_keys.0)));
+        let fallback = AnyStore::Memory(Arc::new(MemoryStore::new(
+            settings.memory_max_keys.0,
+            settings.wait_timeout.0,
+        )));
         Guard {
             store,
             fallback,
+            flights: Arc::new(Flights::default()),
             policy: ArcSwap::from_pointee(Policy::new(settings)),
             upstreams,
             lease: settings.lease.0,
-            auth_calls: (settings.auth_header == AuthHeader::Preserve)
-                .then(|| Mutex::new(HashMap::new())),
+            notes_auth: settings.auth_header == AuthHeader::Preserve,
             heads: Heads::default(),
             tracker: TaskTracker::new(),
             cut_off: CancellationToken::new(),
@@ -202,33 +210,42 @@ impl Guard {
         self.policy.load().routes.find(method, endpoint)
     }
 
-    /// Notes a `/authApp` call from `client`: a duplicate right after it is the 5.1.0 client's re-send.
-    pub fn note_auth(&self, client: IpAddr) {
-        let Some(calls) = &self.auth_calls else {
+    /// Whether `/authApp` calls are noted (then the fast lane hands them to [`Self::note_auth`]'s path).
+    pub fn notes_auth(&self) -> bool {
+        self.notes_auth
+    }
+
+    /// Notes a `/authApp` call from `client` in the store, before it is forwarded: a duplicate right after it,
+    /// on any replica, is the 5.1.0 client's re-send. A store failure only loses the note.
+    pub async fn note_auth(&self, client: IpAddr) {
+        if !self.notes_auth {
             return;
-        };
-        let now = Instant::now();
-        let mut calls = calls.lock().unwrap_or_else(|p| p.into_inner());
-        if calls.len() >= MAX_AUTH_CALLS {
-            calls.retain(|_, at| now.duration_since(*at) < RESEND_AFTER_AUTH);
-            if calls.len() >= MAX_AUTH_CALLS {
-                calls.clear();
-            }
         }
-        calls.insert(client, now);
+        if let Err(err) = self
+            .store
+            .note_auth(&client.to_string(), RESEND_AFTER_AUTH)
+            .await
+        {
+            metrics::get().store_errors.inc();
+            tracing::warn!(%client, %err, "/authApp call not noted");
+        }
     }
 
     /// Whether `client` called `/authApp` within the last second and after the record (claimed `age_ms` ago)
     /// was created: the 5.1.0 client's refresh between its answer and its re-send.
-    fn resent_after_auth(&self, client: IpAddr, age_ms: u64) -> bool {
-        let Some(calls) = &self.auth_calls else {
+    async fn resent_after_auth(&self, client: IpAddr, age_ms: u64) -> bool {
+        if !self.notes_auth {
             return false;
-        };
-        let calls = calls.lock().unwrap_or_else(|p| p.into_inner());
-        calls.get(&client).is_some_and(|at| {
-            let since = at.elapsed();
-            since < RESEND_AFTER_AUTH && since < Duration::from_millis(age_ms)
-        })
+        }
+        match self.store.auth_since(&client.to_string()).await {
+            Ok(Some(since)) => since < age_ms,
+            Ok(None) => false,
+            Err(err) => {
+                metrics::get().store_errors.inc();
+                tracing::warn!(%client, %err, "/authApp notes unreadable: taken as a new call");
+                false
+            }
+        }
     }
 
     /// Answers a guarded request whose head passed the limits and whose `parts` are ready to go upstream.
@@ -371,6 +388,10 @@ impl Guard {
     ) -> Result<Response<Answer>, Failure> {
         let wait_timeout = self.policy.load().wait_timeout;
         let deadline = tokio::time::Instant::now() + wait_timeout;
+        // Before the store: a leader of this key in this process answers, whatever the store says or forgot.
+        if let Some(flight) = self.flights.find(&call.key) {
+            return self.join(store, call, &flight, deadline, seen).await;
+        }
         // A request that waited for a call in flight is a retry of it: the answer it finds is its own,
         // delivered to someone or not, whichever leader stored it.
         let mut waited = false;
@@ -381,12 +402,19 @@ impl Guard {
         // Each turn claims, takes over, or waits until the deadline: the loop ends.
         loop {
             let record = match claim {
-                Claim::Leader(token) => {
-                    return self
-                        .lead(store, call, token, seen)
-                        .await
-                        .map_err(Failure::Refused)
-                }
+                Claim::Leader(token) => match self.fallback_record(store, &call.key).await {
+                    // Claimed on the fallback while the store was away: that record decides, not a new call.
+                    Some(record) => {
+                        let _ = store.release(&call.key, &token, None).await;
+                        record
+                    }
+                    None => {
+                        return self
+                            .lead(store, call, token, seen)
+                            .await
+                            .map_err(Failure::Refused)
+                    }
+                },
                 Claim::Existing(record) => record,
             };
             if call.client_keyed && record.fingerprint != call.info.fingerprint {
@@ -401,58 +429,140 @@ impl Guard {
                 } => {
                     let retry = !delivered
                         || waited
+                        || record.owed
                         || call.client_keyed
                         || call.route.after_delivery == AfterDelivery::Replay
-                        || self.resent_after_auth(call.client.ip(), record.age_ms);
+                        || self
+                            .resent_after_auth(call.client.ip(), record.age_ms)
+                            .await;
                     if retry {
-                        if let Some(refusal) = self
-                            .check_token(call, &record.credential, &response)
-                            .await
-                            .map_err(Failure::Refused)?
-                        {
-                            return Ok(refusal);
-                        }
                         let mark =
                             (!delivered).then(|| (store.clone(), call.key.clone(), record.owner));
-                        return Ok(replay(&self.heads, response, mark).await);
+                        return self
+                            .share(call, &record.credential, response, mark)
+                            .await
+                            .map_err(Failure::Refused);
                     }
                     metrics::get().new_calls_after_delivery.inc();
                     tracing::info!(route = %call.route.name, key = call.key.prefix(), "identical call after a delivered answer: a new call");
                     claim = store.takeover(&call.key, &record.owner, &call.info).await?;
                 }
-                State::Unknown => {
-                    let left = call
-                        .info
-                        .window
-                        .saturating_sub(Duration::from_millis(record.age_ms));
-                    return Err(Failure::Refused(ProxyError::OutcomeUnknown {
-                        retry_after: left,
-                    }));
+                // Only a waiter reads a released record (a claim takes it): it shares the leader's answer.
+                State::Released => {
+                    return match record.answer {
+                        Some(answer) => self
+                            .share(call, &record.credential, answer, None)
+                            .await
+                            .map_err(Failure::Refused),
+                        None => Err(Failure::Refused(ProxyError::Unreachable {
+                            upstream: "the identical request runonce was waiting for".into(),
+                            cause: "it was not sent; retry".into(),
+                        })),
+                    };
                 }
+                State::Unknown => match record.answer {
+                    // A duplicate that waited for the call shares its answer, as it came.
+                    Some(answer) if waited => {
+                        return self
+                            .share(call, &record.credential, answer, None)
+                            .await
+                            .map_err(Failure::Refused)
+                    }
+                    _ => {
+                        let left = call
+                            .info
+                            .window
+                            .saturating_sub(Duration::from_millis(record.age_ms));
+                        return Err(Failure::Refused(ProxyError::OutcomeUnknown {
+                            retry_after: left,
+                        }));
+                    }
+                },
                 State::InFlight => {
                     if !waited {
                         seen.waited_since = Some(Instant::now());
                     }
                     waited = true;
-                    claim = match wait(store, &call.key, deadline).await? {
-                        Some(settled) => Claim::Existing(settled),
-                        // Released (nothing was created) or expired: the next claim may lead.
-                        None => store.claim(&call.key, &call.info).await?,
-                    };
-                    if let Claim::Existing(Record {
-                        state: State::InFlight,
-                        ..
-                    }) = claim
-                    {
-                        if tokio::time::Instant::now() >= deadline {
-                            return Err(Failure::Refused(ProxyError::StillRunning {
-                                waited: wait_timeout,
+                    match wait(store, &self.flights, &call.key, deadline).await? {
+                        Waited::Settled(record) => claim = Claim::Existing(record),
+                        Waited::Here(flight) => {
+                            return self.join(store, call, &flight, deadline, seen).await
+                        }
+                        // Evicted, expired or forgotten: no evidence that nothing was sent.
+                        Waited::Vanished => {
+                            tracing::warn!(route = %call.route.name, key = call.key.prefix(), "the record of the call this request waited for vanished: the outcome is unknown");
+                            return Err(Failure::Refused(ProxyError::OutcomeUnknown {
+                                retry_after: call.info.window,
                             }));
                         }
+                        Waited::TooLong => return Err(self.still_running(store, call).await),
                     }
                 }
             }
         }
+    }
+
+    /// Shares the outcome of `flight`, this process's leader of the call's key, with a duplicate.
+    async fn join(
+        &self,
+        store: &AnyStore,
+        call: &Call,
+        flight: &Flight,
+        deadline: tokio::time::Instant,
+        seen: &mut Seen,
+    ) -> Result<Response<Answer>, Failure> {
+        if call.client_keyed && flight.fingerprint != call.info.fingerprint {
+            metrics::get().key_mismatches.inc();
+            let fields = key::differing_fields(&flight.fields, &call.info.fields);
+            return Err(Failure::Refused(ProxyError::KeyReused { fields }));
+        }
+        seen.waited_since.get_or_insert_with(Instant::now);
+        match tokio::time::timeout_at(deadline, flight.outcome()).await {
+            Ok(Shared::Answer(answer)) => self
+                .share(call, &flight.credential, answer, None)
+                .await
+                .map_err(Failure::Refused),
+            Ok(Shared::Error(err)) => Err(Failure::Refused(err)),
+            Err(_) => Err(self.still_running(store, call).await),
+        }
+    }
+
+    /// 409 for a duplicate whose call still runs at its deadline; the record notes that it is owed the answer.
+    async fn still_running(&self, store: &AnyStore, call: &Call) -> Failure {
+        if let Err(err) = store.mark_owed(&call.key).await {
+            metrics::get().store_errors.inc();
+            tracing::warn!(key = call.key.prefix(), %err, "could not note the 409'd duplicate as owed");
+        }
+        Failure::Refused(ProxyError::StillRunning {
+            waited: self.policy.load().wait_timeout,
+        })
+    }
+
+    /// A stored or shared answer for a duplicate, once its token is good for it ([`Self::check_token`]).
+    async fn share(
+        &self,
+        call: &Call,
+        credential: &str,
+        answer: Stored,
+        mark: Option<(AnyStore, Key, String)>,
+    ) -> Result<Response<Answer>, ProxyError> {
+        if let Some(refusal) = self.check_token(call, credential, &answer).await? {
+            return Ok(refusal);
+        }
+        Ok(replay(&self.heads, answer, mark).await)
+    }
+
+    /// A record of `key` on the `fail-open` fallback, when `store` is the configured store and the fallback
+    /// holds anything (only after the store failed): a leader claimed there while the store was away.
+    async fn fallback_record(&self, store: &AnyStore, key: &Key) -> Option<Record> {
+        let AnyStore::Memory(fallback) = &self.fallback else {
+            return None;
+        };
+        if std::ptr::eq(store, &self.fallback) || fallback.is_empty() {
+            return None;
+        }
+        let record = fallback.get(key).await.ok().flatten()?;
+        (record.state != State::Released).then_some(record)
     }
 
     /// `Some(the server's refusal)` when this duplicate's token is not the leader's and the server does not
@@ -492,7 +602,15 @@ impl Guard {
         seen.led = true;
         let metrics = metrics::get();
         metrics.inflight_keys.inc();
-        let (outcome, led) = self.lead_call(store, call, &token, seen).await;
+        // Registered before the call: a duplicate in this process joins it from now on.
+        let flight = self.flights.lead(
+            &call.key,
+            &token,
+            &call.info.fingerprint,
+            &call.info.fields,
+            &call.info.credential,
+        );
+        let (outcome, led) = self.lead_call(store, call, &token, &flight, seen).await;
         metrics.inflight_keys.dec();
         seen.outcome = Some(outcome);
         let led = led?;
@@ -510,8 +628,9 @@ impl Guard {
         store: &AnyStore,
         call: &Call,
         token: &str,
+        flight: &Arc<Flight>,
         seen: &mut Seen,
-    ) -> (metrics::Outcome, Result<Led, ProxyError>) {
+    ) -> ((metrics::Outcome, Reason), Result<Led, ProxyError>) {
         let metrics = metrics::get();
         let key = &call.key;
         // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
@@ -557,21 +676,44 @@ impl Guard {
         let keep_business_errors = self.policy.load().keep_business_errors;
         // Where a verdict is recorded: the key, kept for the call's window.
         let at = (key, call.info.window);
-        let (outcome, change, result) = match led {
-            Ok((mut led, head)) => match outcome::classify(
-                led.parts.status.as_u16(),
-                &led.parts.headers,
-                &led.body,
-                keep_business_errors,
-            ) {
-                Outcome::Done => {
-                    let stored = Stored {
-                        status: led.parts.status.as_u16(),
-                        head: head.unwrap_or_else(|| render_head(&led.parts)),
-                        body: led.body.clone(),
-                    };
-                    // Stored with its delivery in one write, when the client's connection takes the answer
-                    // (see `Completion`): the usual call then costs the store two operations, not three.
+        let (outcome, answer, shared) = match &led {
+            Ok((led, head)) => {
+                let outcome = outcome::classify(
+                    led.parts.status.as_u16(),
+                    &led.parts.headers,
+                    &led.body,
+                    keep_business_errors,
+                );
+                let answer = Stored {
+                    status: led.parts.status.as_u16(),
+                    head: head.clone().unwrap_or_else(|| render_head(&led.parts)),
+                    body: led.body.clone(),
+                };
+                (outcome, Some(answer.clone()), Shared::Answer(answer))
+            }
+            // Never sent: nothing was created.
+            Err(err @ ProxyError::Unreachable { .. }) => (
+                Outcome::Release(Reason::not_sent),
+                None,
+                Shared::Error(err.clone()),
+            ),
+            // A buffered body cannot fail on the client's side: anything else may have reached the server.
+            Err(err) => (
+                Outcome::Unknown(Reason::no_answer),
+                None,
+                Shared::Error(err.clone()),
+            ),
+        };
+        // The duplicates in this process have their answer now, before the store write.
+        flight.settle(shared);
+        let reason = outcome.reason();
+        let linger = self.policy.load().wait_timeout;
+        let (counted, change) = match outcome {
+            Outcome::Done(_) => {
+                // Stored with its delivery in one write, when the client's connection takes the answer
+                // (see `Completion`): the usual call then costs the store two operations, not three.
+                let mut led = led;
+                if let (Ok((led, _)), Some(stored)) = (&mut led, answer) {
                     led.completion = Some(Completion {
                         write: Some(Write {
                             guard: Arc::clone(self),
@@ -580,55 +722,47 @@ impl Guard {
                             window: call.info.window,
                             token: token.to_string(),
                             stored,
+                            flight: Arc::clone(flight),
                         }),
                         delivered: false,
                         _pending: self.tracker.token(),
                     });
-                    return (metrics::Outcome::done, Ok(led));
                 }
-                Outcome::Release(why) => {
-                    tracing::debug!(key = key.prefix(), why, "released");
-                    (
-                        metrics::Outcome::released,
-                        self.record(store, at, token, Verdict::Release).await,
-                        Ok(led),
-                    )
-                }
-                Outcome::Unknown(why) => {
-                    tracing::warn!(
-                        key = key.prefix(),
-                        why,
-                        "outcome unknown: the key is kept and never re-sent"
-                    );
-                    (
-                        metrics::Outcome::unknown,
-                        self.record(store, at, token, Verdict::Unknown).await,
-                        Ok(led),
-                    )
-                }
-            },
-            // A buffered body cannot fail on the client's side: anything but "never sent" may have reached the
-            // server.
-            Err(err) if !matches!(err, ProxyError::Unreachable { .. }) => {
-                tracing::warn!(
-                    key = key.prefix(),
-                    %err,
-                    "outcome unknown: the key is kept and never re-sent"
-                );
+                return ((metrics::Outcome::done, reason), led.map(|(led, _)| led));
+            }
+            Outcome::Release(why) => {
+                tracing::debug!(key = key.prefix(), why = why.as_str(), "released");
+                let verdict = Verdict::Release {
+                    answer: answer.clone(),
+                };
                 (
-                    metrics::Outcome::unknown,
-                    self.record(store, at, token, Verdict::Unknown).await,
-                    Err(err),
+                    metrics::Outcome::released,
+                    self.record(store, at, token, verdict).await,
                 )
             }
-            Err(err) => (
-                metrics::Outcome::released,
-                self.record(store, at, token, Verdict::Release).await,
-                Err(err),
-            ),
+            Outcome::Unknown(why) => {
+                if let Err(err) = &led {
+                    tracing::warn!(key = key.prefix(), %err, why = why.as_str(), "outcome unknown: the key is kept and never re-sent");
+                } else {
+                    tracing::warn!(
+                        key = key.prefix(),
+                        why = why.as_str(),
+                        "outcome unknown: the key is kept and never re-sent"
+                    );
+                }
+                let verdict = Verdict::Unknown {
+                    answer: answer.clone(),
+                };
+                (
+                    metrics::Outcome::unknown,
+                    self.record(store, at, token, verdict).await,
+                )
+            }
         };
+        let landed = matches!(change, Ok(true));
+        self.flights.finished(key, flight, landed, linger);
         note_change(key, change);
-        (outcome, result)
+        ((counted, reason), led.map(|(led, _)| led))
     }
 
     /// Records a leader's verdict on its key. When the store fails, the answer goes to the client at once and
@@ -689,8 +823,27 @@ impl Guard {
             .map(|(led, _)| led)
     }
 
-    /// [`Self::call_upstream`], also returning the answer's head as it came (for storing).
+    /// [`Self::call_upstream`], also returning the answer's head as it came (for storing). The whole call
+    /// (connecting, the answer's head, its body) is bounded by one `upstream_timeout`, so that a duplicate
+    /// waiting `wait_timeout` (never shorter, see `config.rs`) sees its end.
     async fn call_upstream_capturing(
+        &self,
+        parts: request::Parts,
+        body: Bytes,
+        repair: bool,
+    ) -> Result<(Led, Option<Bytes>), ProxyError> {
+        let timeout = self.upstreams.response_timeout();
+        tokio::time::timeout(timeout, self.call_upstream_unbounded(parts, body, repair))
+            .await
+            .unwrap_or_else(|_| {
+                Err(ProxyError::Timeout {
+                    upstream: "upstream answer".into(),
+                    timeout,
+                })
+            })
+    }
+
+    async fn call_upstream_unbounded(
         &self,
         parts: request::Parts,
         body: Bytes,
@@ -772,6 +925,8 @@ struct Write {
     window: Duration,
     token: String,
     stored: Stored,
+    /// This process's registry entry of the leader: it goes once the store holds the answer.
+    flight: Arc<Flight>,
 }
 
 impl Write {
@@ -785,6 +940,11 @@ impl Write {
             .guard
             .record(&self.store, at, &self.token, verdict)
             .await;
+        let linger = self.guard.policy.load().wait_timeout;
+        let landed = matches!(change, Ok(true));
+        self.guard
+            .flights
+            .finished(&self.key, &self.flight, landed, linger);
         note_change(&self.key, change);
     }
 }
@@ -836,8 +996,8 @@ fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &Pr
         metrics.duplicates_suppressed.inc();
     }
     let outcome = match (seen.outcome, answer) {
-        (Some(outcome), _) => {
-            metrics.outcome(outcome);
+        (Some((outcome, reason)), _) => {
+            metrics.outcome(outcome, reason);
             outcome.as_str()
         }
         (None, Ok(())) if role == Role::waiter => "shared",
@@ -859,22 +1019,40 @@ fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &Pr
     );
 }
 
-/// Waits until the record is settled (`Some`), gone (`None`), or the deadline passed (`Some` still in flight).
+/// What a waiter found.
+// Lives for one turn of a waiter's loop (as `Claim` does).
+#[allow(clippy::large_enum_variant)]
+enum Waited {
+    /// The record left `InFlight`.
+    Settled(Record),
+    /// The leader runs in this process (it registered after the claim): share its outcome in memory.
+    Here(Arc<Flight>),
+    /// The record is gone, and no leader of it runs here: no evidence either way.
+    Vanished,
+    /// Still in flight at the deadline.
+    TooLong,
+}
+
+/// Waits until the record settles, vanishes, or the deadline passes, consulting this process's leaders
+/// after each look at the store.
 async fn wait(
     store: &AnyStore,
+    flights: &Flights,
     key: &Key,
     deadline: tokio::time::Instant,
-) -> Result<Option<Record>, StoreError> {
+) -> Result<Waited, StoreError> {
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         store.changed(key, left.min(POLL)).await;
-        match store.get(key).await? {
-            Some(record)
-                if record.state == State::InFlight && tokio::time::Instant::now() < deadline =>
-            {
-                continue
-            }
-            other => return Ok(other),
+        let record = store.get(key).await?;
+        if let Some(flight) = flights.find(key) {
+            return Ok(Waited::Here(flight));
+        }
+        match record {
+            Some(record) if record.state != State::InFlight => return Ok(Waited::Settled(record)),
+            Some(_) if tokio::time::Instant::now() >= deadline => return Ok(Waited::TooLong),
+            Some(_) => continue,
+            None => return Ok(Waited::Vanished),
         }
     }
 }
@@ -971,10 +1149,10 @@ fn render_head(parts: &response::Parts) -> Bytes {
 enum Verdict {
     /// An answer to keep for the window; `delivered` when the client's connection takes it.
     Done { stored: Stored, delivered: bool },
-    /// Nothing was created: the key is free again.
-    Release,
+    /// Nothing was created: the key is free again (the answer stays a little while for the waiters).
+    Release { answer: Option<Stored> },
     /// The server may have acted: kept, never re-sent.
-    Unknown,
+    Unknown { answer: Option<Stored> },
 }
 
 impl Verdict {
@@ -989,8 +1167,12 @@ impl Verdict {
             Verdict::Done { stored, delivered } => {
                 store.complete(key, token, stored, window, *delivered).await
             }
-            Verdict::Release => store.release(key, token).await,
-            Verdict::Unknown => store.mark_unknown(key, token, window).await,
+            Verdict::Release { answer } => store.release(key, token, answer.as_ref()).await,
+            Verdict::Unknown { answer } => {
+                store
+                    .mark_unknown(key, token, window, answer.as_ref())
+                    .await
+            }
         }
     }
 }

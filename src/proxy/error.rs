@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use crate::powerjob;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ProxyError {
     /// Content-Length or the streamed body went over `body_limit`.
     #[error("request body is larger than the limit of {limit} bytes")]

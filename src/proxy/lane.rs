@@ -340,8 +340,9 @@ impl Conn<'_> {
             if proxy.guard.route(&method, endpoint).is_some() {
                 return Err(());
             }
-            if endpoint == powerjob::AUTH_APP {
-                proxy.guard.note_auth(self.peer.ip());
+            // Noting it is a store write: hyper's path does it.
+            if endpoint == powerjob::AUTH_APP && proxy.guard.notes_auth() {
+                return Err(());
             }
         }
         // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.

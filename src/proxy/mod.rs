@@ -207,7 +207,7 @@ impl Proxy {
         // The endpoint as the server will read the path, so that no spelling of `runJob` gets past the guard.
         let endpoint = powerjob::served_endpoint(parts.uri.path());
         if endpoint.as_deref() == Some(powerjob::AUTH_APP) {
-            self.guard.note_auth(client.ip());
+            self.guard.note_auth(client.ip()).await;
         }
         let repair = self.auth_header == AuthHeader::Repair && endpoint.is_some();
         let route = endpoint.and_then(|endpoint| self.guard.route(&parts.method, &endpoint));

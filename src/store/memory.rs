@@ -5,9 +5,11 @@
 //! cheaper than an async one. Expired records are purged on each write, from the front of the expiry order,
 //! so no background task is needed and memory never grows past `max_keys` records.
 //!
-//! When full, a new claim evicts the delivered answer closest to expiry. In-flight records, unknown outcomes
-//! and answers no client received yet are never evicted (that would let a duplicate through); with none to
-//! evict, a claim fails with a `StoreError` and the route's store-error policy answers.
+//! When full, a new claim evicts the delivered answer closest to expiry. In-flight records, unknown outcomes,
+//! answers no client received yet, records a duplicate still waits on, and records settled within the last
+//! `linger` (the wait timeout: a waiter woken by the settling reads the record next) are never evicted: that
+//! would let a duplicate through. With none to evict, a claim fails with a `StoreError` and the route's
+//! store-error policy answers.
 //!
 //! Waiters sleep on a per-record `Notify`; every change wakes them under the lock, and [`MemoryStore::changed`]
 //! registers under the same lock, so no wake-up is lost.
@@ -25,7 +27,15 @@ use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, Sto
 pub struct MemoryStore {
     inner: Mutex<Inner>,
     max_keys: usize,
+    /// A record settled this recently is not evicted: its waiters may not have read it yet.
+    linger: Duration,
+    /// When each client last called `/authApp`, and until when that is remembered (see `Store::note_auth`).
+    /// A lock of its own: it is used on another path than the records.
+    auth_calls: Mutex<HashMap<String, (Instant, Instant)>>,
 }
+
+/// Most clients whose `/authApp` calls are remembered at once.
+const MAX_AUTH_CALLS: usize = 4096;
 
 #[derive(Default)]
 struct Inner {
@@ -43,7 +53,13 @@ struct Entry {
     credential: String,
     /// The route's window, kept beyond the lease while in flight.
     window: Duration,
+    /// The answer of a released or unknown outcome, for the duplicates that waited.
+    answer: Option<Stored>,
+    /// A duplicate was told to retry while the call ran (see `Record::owed`).
+    owed: bool,
     created: Instant,
+    /// When the record left `InFlight`.
+    settled_at: Option<Instant>,
     expires_at: Instant,
     /// Woken on every change of this record.
     notify: Arc<Notify>,
@@ -53,13 +69,17 @@ enum Phase {
     InFlight { lease_until: Instant },
     Done { response: Stored, delivered: bool },
     Unknown,
+    Released,
 }
 
 impl MemoryStore {
-    pub fn new(max_keys: usize) -> MemoryStore {
+    /// At most `max_keys` records; one settled within the last `linger` is never evicted.
+    pub fn new(max_keys: usize, linger: Duration) -> MemoryStore {
         MemoryStore {
             inner: Mutex::new(Inner::default()),
             max_keys: max_keys.max(1),
+            linger,
+            auth_calls: Mutex::default(),
         }
     }
 
@@ -86,7 +106,7 @@ impl MemoryStore {
         info: &ClaimInfo,
         now: Instant,
     ) -> Result<Claim, StoreError> {
-        if inner.entries.len() >= self.max_keys && !inner.evict_one_settled() {
+        if inner.entries.len() >= self.max_keys && !inner.evict_one_settled(now, self.linger) {
             return Err(StoreError {
                 op: "claim",
                 cause: format!(
@@ -110,7 +130,10 @@ impl MemoryStore {
                 fields: info.fields.clone(),
                 credential: info.credential.clone(),
                 window: info.window,
+                answer: None,
+                owed: false,
                 created: now,
+                settled_at: None,
                 expires_at,
                 notify: Arc::new(Notify::new()),
             },
@@ -126,9 +149,13 @@ impl Store for MemoryStore {
         inner.purge_expired(now);
         if let Some(entry) = inner.entries.get_mut(key) {
             if entry.lease_ran_out(now) {
-                inner.settle(key, Phase::Unknown, now + info.window);
+                inner.settle(key, Phase::Unknown, now + info.window, now);
             }
-            return Ok(Claim::Existing(inner.entries[key].record(now)));
+            if !matches!(inner.entries[key].phase, Phase::Released) {
+                return Ok(Claim::Existing(inner.entries[key].record(now)));
+            }
+            // Released: nothing was created; the new claim leads.
+            inner.remove(key);
         }
         self.insert(&mut inner, key, info, now)
     }
@@ -143,14 +170,15 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         inner.purge_expired(now);
         if let Some(entry) = inner.entries.get_mut(key) {
-            let replaceable = entry.owner == previous_owner
-                && matches!(
-                    entry.phase,
-                    Phase::Done {
-                        delivered: true,
-                        ..
-                    }
-                );
+            let replaceable = matches!(entry.phase, Phase::Released)
+                || entry.owner == previous_owner
+                    && matches!(
+                        entry.phase,
+                        Phase::Done {
+                            delivered: true,
+                            ..
+                        }
+                    );
             if !replaceable {
                 return Ok(Claim::Existing(entry.record(now)));
             }
@@ -208,17 +236,24 @@ impl Store for MemoryStore {
                 delivered,
             },
             now + window,
+            now,
         );
         Ok(true)
     }
 
-    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
+    async fn release(
+        &self,
+        key: &Key,
+        token: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        if inner.leader_entry(key, token, now).is_none() {
+        let Some(entry) = inner.leader_entry(key, token, now) else {
             return Ok(false);
-        }
-        inner.remove(key);
+        };
+        entry.answer = answer.map(own_copy);
+        inner.settle(key, Phase::Released, now + super::RELEASED_KEEP, now);
         Ok(true)
     }
 
@@ -227,14 +262,27 @@ impl Store for MemoryStore {
         key: &Key,
         token: &str,
         window: Duration,
+        answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
         let now = Instant::now();
         let mut inner = self.lock();
-        if inner.leader_entry(key, token, now).is_none() {
+        let Some(entry) = inner.leader_entry(key, token, now) else {
             return Ok(false);
-        }
-        inner.settle(key, Phase::Unknown, now + window);
+        };
+        entry.answer = answer.map(own_copy);
+        inner.settle(key, Phase::Unknown, now + window, now);
         Ok(true)
+    }
+
+    async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {
+        let mut inner = self.lock();
+        Ok(match inner.entries.get_mut(key) {
+            Some(entry) => {
+                entry.owed = true;
+                true
+            }
+            None => false,
+        })
     }
 
     async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
@@ -260,6 +308,28 @@ impl Store for MemoryStore {
             .get(key)
             .filter(|e| e.expires_at > now)
             .map(|e| e.record(now)))
+    }
+
+    async fn note_auth(&self, client: &str, within: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut calls = self.auth_calls.lock().unwrap_or_else(|p| p.into_inner());
+        if calls.len() >= MAX_AUTH_CALLS {
+            calls.retain(|_, (_, until)| *until > now);
+            if calls.len() >= MAX_AUTH_CALLS {
+                calls.clear();
+            }
+        }
+        calls.insert(client.to_string(), (now, now + within));
+        Ok(())
+    }
+
+    async fn auth_since(&self, client: &str) -> Result<Option<u64>, StoreError> {
+        let now = Instant::now();
+        let calls = self.auth_calls.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(calls
+            .get(client)
+            .filter(|(_, until)| *until > now)
+            .map(|(at, _)| now.saturating_duration_since(*at).as_millis() as u64))
     }
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
@@ -316,10 +386,11 @@ impl Inner {
     }
 
     /// Moves a record to a settled phase with a new expiry, and wakes its waiters.
-    fn settle(&mut self, key: &Key, phase: Phase, expires_at: Instant) {
+    fn settle(&mut self, key: &Key, phase: Phase, expires_at: Instant, now: Instant) {
         self.reschedule(key, expires_at);
         if let Some(entry) = self.entries.get_mut(key) {
             entry.phase = phase;
+            entry.settled_at = Some(now);
             entry.notify.notify_waiters();
         }
     }
@@ -344,22 +415,27 @@ impl Inner {
     }
 
     /// Evicts the delivered answer closest to expiry; `false` when there is none. In-flight records, unknown
-    /// outcomes and answers no client received yet are never evicted: losing one would let a call run twice.
-    fn evict_one_settled(&mut self) -> bool {
+    /// outcomes, answers no client received yet, records someone waits on and records settled within the
+    /// last `linger` are never evicted: losing one would let a call run twice. A released record goes first:
+    /// it holds nothing but the answer its waiters read at once.
+    fn evict_one_settled(&mut self, now: Instant, linger: Duration) -> bool {
+        let evictable = |e: &Entry| {
+            let delivered = matches!(
+                e.phase,
+                Phase::Done {
+                    delivered: true,
+                    ..
+                }
+            );
+            let settled_long_ago = e.settled_at.is_some_and(|at| at + linger <= now);
+            // `changed` holds a clone of the `Notify` while it waits.
+            let waited_on = Arc::strong_count(&e.notify) > 1;
+            (delivered && settled_long_ago && !waited_on) || matches!(e.phase, Phase::Released)
+        };
         let victim = self
             .expirations
             .iter()
-            .find(|(_, key)| {
-                self.entries.get(key).is_some_and(|e| {
-                    matches!(
-                        e.phase,
-                        Phase::Done {
-                            delivered: true,
-                            ..
-                        }
-                    )
-                })
-            })
+            .find(|(_, key)| self.entries.get(key).is_some_and(evictable))
             .map(|(_, key)| key.clone());
         match victim {
             Some(key) => {
@@ -400,6 +476,7 @@ impl Entry {
                 delivered: *delivered,
             },
             Phase::Unknown => State::Unknown,
+            Phase::Released => State::Released,
         };
         Record {
             state,
@@ -408,6 +485,8 @@ impl Entry {
             fields: self.fields.clone(),
             age_ms: now.saturating_duration_since(self.created).as_millis() as u64,
             credential: self.credential.clone(),
+            answer: self.answer.clone(),
+            owed: self.owed,
         }
     }
 }
@@ -441,7 +520,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_full_store_evicts_only_delivered_answers() {
-        let store = MemoryStore::new(3);
+        let store = MemoryStore::new(3, Duration::ZERO);
         let claim = |n: u8| {
             let store = &store;
             async move { store.claim(&key(n), &info(10_000)).await }
@@ -477,7 +556,7 @@ mod tests {
             panic!()
         };
         store
-            .mark_unknown(&key(3), &unknown, Duration::from_secs(10))
+            .mark_unknown(&key(3), &unknown, Duration::from_secs(10), None)
             .await
             .unwrap();
         // Full: the delivered answer makes room.
@@ -491,6 +570,76 @@ mod tests {
         }
     }
 
+    /// A waiter woken by the settling reads the record next: a delivered answer that settled within the
+    /// last `linger`, or that someone waits on, is not evicted (issue "at most once", defect 2).
+    #[tokio::test(start_paused = true)]
+    async fn a_full_store_keeps_what_settled_recently_or_is_waited_on() {
+        let store = Arc::new(MemoryStore::new(2, Duration::from_secs(30)));
+        for n in [1, 2] {
+            let Claim::Leader(token) = store.claim(&key(n), &info(600_000)).await.unwrap() else {
+                panic!()
+            };
+            let answer = answer();
+            store
+                .complete(&key(n), &token, &answer, Duration::from_secs(600), true)
+                .await
+                .unwrap();
+        }
+        assert!(
+            store.claim(&key(3), &info(600_000)).await.is_err(),
+            "settled just now"
+        );
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(matches!(
+            store.claim(&key(3), &info(600_000)).await.unwrap(),
+            Claim::Leader(_)
+        ));
+        // Key 3 in flight, one waiter on it; key 2 delivered long ago goes, key 3 never.
+        let waiting = Arc::clone(&store);
+        let waiter = tokio::spawn(async move {
+            waiting.changed(&key(3), Duration::from_secs(3600)).await;
+        });
+        tokio::task::yield_now().await;
+        assert!(matches!(
+            store.claim(&key(4), &info(600_000)).await.unwrap(),
+            Claim::Leader(_)
+        ));
+        assert!(store.get(&key(3)).await.unwrap().is_some());
+        waiter.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_release_keeps_the_answer_for_the_waiters_and_frees_the_key() {
+        let store = MemoryStore::new(10, Duration::from_secs(30));
+        let Claim::Leader(token) = store.claim(&key(1), &info(60_000)).await.unwrap() else {
+            panic!()
+        };
+        assert!(store.mark_owed(&key(1)).await.unwrap());
+        assert!(store
+            .release(&key(1), &token, Some(&answer()))
+            .await
+            .unwrap());
+        let record = store.get(&key(1)).await.unwrap().unwrap();
+        assert_eq!(
+            (record.state, record.answer),
+            (State::Released, Some(answer()))
+        );
+        assert!(matches!(
+            store.claim(&key(1), &info(60_000)).await.unwrap(),
+            Claim::Leader(_)
+        ));
+        let fresh = store.get(&key(1)).await.unwrap().unwrap();
+        assert!(
+            !fresh.owed && fresh.answer.is_none(),
+            "a new claim starts clean"
+        );
+        tokio::time::advance(super::super::RELEASED_KEEP).await;
+        assert!(
+            !store.mark_owed(&key(9)).await.unwrap(),
+            "no record: nothing owed"
+        );
+    }
+
     #[tokio::test]
     async fn a_stored_answer_does_not_keep_the_leaders_read_buffer() {
         // The leader's body is a slice of a connection's read buffer; the record must hold only its bytes.
@@ -500,7 +649,7 @@ mod tests {
             head: buffer.slice(0..40),
             body: buffer.slice(40..140),
         };
-        let store = MemoryStore::new(10);
+        let store = MemoryStore::new(10, Duration::ZERO);
         let Claim::Leader(token) = store.claim(&key(1), &info(10_000)).await.unwrap() else {
             panic!()
         };
@@ -525,7 +674,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn expired_records_are_purged_on_write() {
-        let store = MemoryStore::new(100);
+        let store = MemoryStore::new(100, Duration::ZERO);
         for n in 0..50 {
             let Claim::Leader(token) = store.claim(&key(n), &info(1_000)).await.unwrap() else {
                 panic!()
@@ -542,7 +691,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_in_flight_record_outlives_its_window_while_its_lease_is_renewed() {
-        let store = MemoryStore::new(10);
+        let store = MemoryStore::new(10, Duration::ZERO);
         let mut claim = info(1_000);
         claim.lease = Duration::from_secs(3);
         let Claim::Leader(token) = store.claim(&key(1), &claim).await.unwrap() else {
@@ -561,7 +710,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_lease_that_runs_out_turns_the_record_unknown_and_fences_its_leader() {
-        let store = MemoryStore::new(10);
+        let store = MemoryStore::new(10, Duration::ZERO);
         let mut claim = info(60_000);
         claim.lease = Duration::from_millis(200);
         let Claim::Leader(token) = store.claim(&key(1), &claim).await.unwrap() else {
@@ -580,7 +729,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dead_leaders_key_reads_unknown_for_a_window_after_its_lease() {
-        let store = MemoryStore::new(10);
+        let store = MemoryStore::new(10, Duration::ZERO);
         let mut claim = info(1_000);
         claim.lease = Duration::from_secs(3);
         let Claim::Leader(_) = store.claim(&key(1), &claim).await.unwrap() else {

@@ -10,6 +10,12 @@
 //!   the lease run out turns the record `Unknown` (the leader's proxy died mid-call: the server may have acted).
 //! - `Done`: a definite answer is stored for the window, with whether a client received it in full.
 //! - `Unknown`: the request may have had an effect but no answer is known; never re-run automatically.
+//! - `Released`: the leader's answer proved that nothing was created. A claim takes the key at once; the record
+//!   only stays a little while ([`RELEASED_KEEP`]) so that the duplicates that waited for the call can read
+//!   the leader's answer (they share it: a waiter never sends the call itself).
+//!
+//! A record that vanishes (evicted, expired, a Redis that forgot) is never taken as a release: only the leader's
+//! explicit release says that nothing was created.
 //!
 //! Implementations: [`memory`] (one process, bounded, TTL) and [`redis`] (shared by replicas; Lua scripts on
 //! one hash per key in one hash slot). [`Store`] picks one by configuration; both have the same methods.
@@ -87,7 +93,12 @@ pub enum State {
     InFlight,
     Done { response: Stored, delivered: bool },
     Unknown,
+    Released,
 }
+
+/// How long a released record stays readable for the duplicates that waited on it (they are woken at once;
+/// polling waiters look at least every 250 ms).
+pub const RELEASED_KEEP: Duration = Duration::from_secs(10);
 
 impl State {
     /// The state's name, as the admin API and Redis spell it.
@@ -96,6 +107,7 @@ impl State {
             State::InFlight => "inflight",
             State::Done { .. } => "done",
             State::Unknown => "unknown",
+            State::Released => "released",
         }
     }
 }
@@ -116,6 +128,7 @@ impl Listing {
             Some("inflight") => Some(Listing::Only("inflight")),
             Some("done") => Some(Listing::Only("done")),
             Some("unknown") => Some(Listing::Only("unknown")),
+            Some("released") => Some(Listing::Only("released")),
             Some(_) => None,
         }
     }
@@ -142,6 +155,12 @@ pub struct Record {
     pub age_ms: u64,
     /// The SHA-256 digest of the leader's access token ([`ClaimInfo::credential`]); empty when it sent none.
     pub credential: String,
+    /// The answer that came with a `Released` or `Unknown` outcome, when there was one: the duplicates that
+    /// waited for the call get it too.
+    pub answer: Option<Stored>,
+    /// A duplicate was told to retry (409, still in flight): it is owed the answer, so an identical call
+    /// within the window is replayed even after a client received the answer.
+    pub owed: bool,
 }
 
 /// What a claim needs besides the key.
@@ -160,6 +179,9 @@ pub struct ClaimInfo {
 }
 
 /// The answer to a claim.
+// A claim's answer lives for one decision on the stack; boxing the record would cost every duplicate an
+// allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Claim {
     /// The key was free: the caller is the leader and holds this owner token.
@@ -217,20 +239,27 @@ pub trait Store: Send + Sync {
         delivered: bool,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// Deletes the record (nothing was created): the next duplicate runs.
+    /// Nothing was created: the record turns `Released` with the leader's `answer` for [`RELEASED_KEEP`]
+    /// (for the duplicates that waited), and the next claim leads.
     fn release(
         &self,
         key: &Key,
         token: &str,
+        answer: Option<&Stored>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
-    /// The outcome cannot be known: kept as `Unknown` for `window` from now.
+    /// The outcome cannot be known: kept as `Unknown` for `window` from now, with the answer that came, if any.
     fn mark_unknown(
         &self,
         key: &Key,
         token: &str,
         window: Duration,
+        answer: Option<&Stored>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// A duplicate was told to retry while the call ran: whoever answers it later must replay (see
+    /// [`Record::owed`]). `false` when there is no record.
+    fn mark_owed(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// A client received the answer of the `Done` record created by `owner` in full.
     fn mark_delivered(
@@ -240,6 +269,20 @@ pub trait Store: Send + Sync {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     fn get(&self, key: &Key) -> impl Future<Output = Result<Option<Record>, StoreError>> + Send;
+
+    /// Notes that `client` called `/authApp` now, remembered for `within`: the 5.1.0 client's refresh before
+    /// its re-send, which may reach another replica than the re-send does.
+    fn note_auth(
+        &self,
+        client: &str,
+        within: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Milliseconds since `client` last called `/authApp`, while that is remembered.
+    fn auth_since(
+        &self,
+        client: &str,
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 
     /// Deletes the record whatever its state (operators: to release an `Unknown`).
     fn purge(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -303,8 +346,13 @@ impl Store for AnyStore {
         each!(self, s => s.complete(key, token, response, window, delivered).await)
     }
 
-    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
-        each!(self, s => s.release(key, token).await)
+    async fn release(
+        &self,
+        key: &Key,
+        token: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.release(key, token, answer).await)
     }
 
     async fn mark_unknown(
@@ -312,8 +360,13 @@ impl Store for AnyStore {
         key: &Key,
         token: &str,
         window: Duration,
+        answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
-        each!(self, s => s.mark_unknown(key, token, window).await)
+        each!(self, s => s.mark_unknown(key, token, window, answer).await)
+    }
+
+    async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {
+        each!(self, s => s.mark_owed(key).await)
     }
 
     async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
@@ -322,6 +375,14 @@ impl Store for AnyStore {
 
     async fn get(&self, key: &Key) -> Result<Option<Record>, StoreError> {
         each!(self, s => s.get(key).await)
+    }
+
+    async fn note_auth(&self, client: &str, within: Duration) -> Result<(), StoreError> {
+        each!(self, s => s.note_auth(client, within).await)
+    }
+
+    async fn auth_since(&self, client: &str) -> Result<Option<u64>, StoreError> {
+        each!(self, s => s.auth_since(client).await)
     }
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
@@ -342,7 +403,7 @@ pub async fn open(settings: &crate::config::Settings) -> Result<AnyStore, StoreE
     use crate::config::StoreUrl;
     match &settings.store {
         StoreUrl::Memory => Ok(AnyStore::Memory(std::sync::Arc::new(
-            memory::MemoryStore::new(settings.memory_max_keys.0),
+            memory::MemoryStore::new(settings.memory_max_keys.0, settings.wait_timeout.0),
         ))),
         StoreUrl::Redis(url) => Ok(AnyStore::Redis(
             redis::RedisStore::connect(url, settings.store_timeout.0).await?,

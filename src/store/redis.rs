@@ -85,6 +85,8 @@ use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, Sto
 
 /// Time-outs in a row on one connection after which it is replaced by a new one.
 pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
+/// Between two tries to clean up a timed-out claim.
+const CLEAN_UP_PAUSE: Duration = Duration::from_millis(100);
 
 /// The pattern the listener subscribes to; every record's channel matches it.
 const CHANNEL_PATTERN: &str = "runonce:{*}:changed";
@@ -257,11 +259,21 @@ impl RedisStore {
         key: &Key,
         args: &[&[u8]],
     ) -> Result<Value, StoreError> {
-        let record = record_key(key);
+        self.eval_at(op, script, &record_key(key), args).await
+    }
+
+    /// [`Self::eval`] on the Redis key `name`.
+    async fn eval_at(
+        &self,
+        op: &'static str,
+        script: &Script,
+        record: &str,
+        args: &[&[u8]],
+    ) -> Result<Value, StoreError> {
         let line = self.line();
         let mut conn = line.conn.clone();
         let answer =
-            tokio::time::timeout(self.inner.op_timeout, conn.eval(script, &record, args)).await;
+            tokio::time::timeout(self.inner.op_timeout, conn.eval(script, record, args)).await;
         match answer {
             Ok(Ok(value)) => {
                 line.timeouts_in_a_row.store(0, Ordering::Relaxed);
@@ -385,6 +397,36 @@ impl RedisStore {
         Ok(masters)
     }
 
+    /// Releases the claim `token` may hold on `key` after its claim failed (timed out, or the connection broke
+    /// with the script sent): retried in the background until Redis answers, for at most the lease. The
+    /// release is fenced by the token, so it never touches another leader's record; sent after the claim on
+    /// the same connection, it runs after the claim did, before any retry of the client's can.
+    fn clean_up_claim(&self, key: &Key, token: String, lease: Duration) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (this, key) = (self.clone(), key.clone());
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + lease;
+            loop {
+                match this.release(&key, &token, None).await {
+                    Ok(true) => {
+                        tracing::info!(key = key.prefix(), "a timed-out claim had run: released");
+                        return;
+                    }
+                    Ok(false) => return,
+                    Err(_) if tokio::time::Instant::now() + CLEAN_UP_PAUSE < deadline => {
+                        tokio::time::sleep(CLEAN_UP_PAUSE).await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(key = key.prefix(), %err, "a timed-out claim could not be cleaned up; should it have run, the key turns unknown after its lease");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
     /// Whether the record is in flight under a live lease (a waiter keeps waiting).
     async fn is_in_flight(&self, key: &Key) -> Result<bool, StoreError> {
         let value = self.eval("changed", &scripts().in_flight, key, &[]).await?;
@@ -421,8 +463,16 @@ impl Store for RedisStore {
                     info.credential.as_bytes(),
                 ],
             )
-            .await?;
-        claim_answer("claim", value, token)
+            .await;
+        match value {
+            Ok(value) => claim_answer("claim", value, token),
+            Err(err) => {
+                // The caller answers "nothing forwarded" (or claims on the fail-open fallback), but the script
+                // may still run on Redis and leave an in-flight record that no leader will ever settle.
+                self.clean_up_claim(key, token, info.lease);
+                Err(err)
+            }
+        }
     }
 
     async fn takeover(
@@ -489,9 +539,28 @@ impl Store for RedisStore {
         .await
     }
 
-    async fn release(&self, key: &Key, token: &str) -> Result<bool, StoreError> {
-        self.change("release", &scripts().release, key, &[token.as_bytes()])
-            .await
+    async fn release(
+        &self,
+        key: &Key,
+        token: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        let keep = millis(super::RELEASED_KEEP);
+        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
+        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
+        self.change(
+            "release",
+            &scripts().release,
+            key,
+            &[
+                token.as_bytes(),
+                keep.as_bytes(),
+                status.as_bytes(),
+                head,
+                body,
+            ],
+        )
+        .await
     }
 
     async fn mark_unknown(
@@ -499,15 +568,29 @@ impl Store for RedisStore {
         key: &Key,
         token: &str,
         window: Duration,
+        answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
         let window = millis(window);
+        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
+        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
         self.change(
             "mark_unknown",
             &scripts().mark_unknown,
             key,
-            &[token.as_bytes(), window.as_bytes()],
+            &[
+                token.as_bytes(),
+                window.as_bytes(),
+                status.as_bytes(),
+                head,
+                body,
+            ],
         )
         .await
+    }
+
+    async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {
+        self.change("mark_owed", &scripts().mark_owed, key, &[])
+            .await
     }
 
     async fn mark_delivered(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
@@ -534,6 +617,31 @@ impl Store for RedisStore {
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
         self.change("purge", &scripts().purge, key, &[]).await
+    }
+
+    async fn note_auth(&self, client: &str, within: Duration) -> Result<(), StoreError> {
+        let within = millis(within);
+        let name = auth_key(client);
+        self.eval_at(
+            "note_auth",
+            &scripts().note_auth,
+            &name,
+            &[within.as_bytes()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn auth_since(&self, client: &str) -> Result<Option<u64>, StoreError> {
+        let name = auth_key(client);
+        match self
+            .eval_at("auth_since", &scripts().auth_since, &name, &[])
+            .await?
+        {
+            Value::Nil => Ok(None),
+            Value::Int(ms) => Ok(Some(u64::try_from(ms).unwrap_or(0))),
+            other => Err(unexpected("auth_since", &other)),
+        }
     }
 
     /// `SCAN`s for `runonce:{*}` hashes on the one server, or on every master of a Cluster (each holds part of
@@ -720,6 +828,11 @@ fn record_key(key: &Key) -> String {
 }
 
 /// The record's change channel: `runonce:{<key>}:changed`.
+/// Where a client's last `/authApp` call is noted: `runonce:auth:{<client>}` (its own hash slot).
+fn auth_key(client: &str) -> String {
+    format!("runonce:auth:{{{client}}}")
+}
+
 fn channel(key: &Key) -> String {
     format!("runonce:{{{key}}}:changed")
 }
@@ -753,6 +866,9 @@ struct Scripts {
     release: Script,
     mark_unknown: Script,
     mark_delivered: Script,
+    mark_owed: Script,
+    note_auth: Script,
+    auth_since: Script,
     get: Script,
     purge: Script,
     in_flight: Script,
@@ -773,6 +889,9 @@ fn scripts() -> &'static Scripts {
         release: script!("lua/release.lua"),
         mark_unknown: script!("lua/mark_unknown.lua"),
         mark_delivered: script!("lua/mark_delivered.lua"),
+        mark_owed: script!("lua/mark_owed.lua"),
+        note_auth: script!("lua/note_auth.lua"),
+        auth_since: script!("lua/auth_since.lua"),
         get: script!("lua/get.lua"),
         purge: script!("lua/purge.lua"),
         in_flight: script!("lua/in_flight.lua"),
@@ -861,26 +980,36 @@ fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, 
     }
 }
 
-/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered}` as a [`Record`].
+/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed}` as a
+/// [`Record`].
 fn record(items: &[Value]) -> Option<Record> {
-    if items.len() != 11 {
+    if items.len() != 12 {
         return None;
     }
-    let state = match text(items.get(1))? {
-        "inflight" => State::InFlight,
-        "unknown" => State::Unknown,
-        "done" => State::Done {
-            response: Stored {
-                status: text(items.get(6))?.parse().ok()?,
-                head: Bytes::copy_from_slice(bytes(items.get(7))?),
-                body: Bytes::copy_from_slice(bytes(items.get(8))?),
+    // The answer in status/head/body: a done record's, or the one that came with a release or an unknown.
+    let answer = match text(items.get(6))? {
+        "" => None,
+        status => Some(Stored {
+            status: status.parse().ok()?,
+            head: Bytes::copy_from_slice(bytes(items.get(7))?),
+            body: Bytes::copy_from_slice(bytes(items.get(8))?),
+        }),
+    };
+    let (state, answer) = match text(items.get(1))? {
+        "inflight" => (State::InFlight, None),
+        "unknown" => (State::Unknown, answer),
+        "released" => (State::Released, answer),
+        "done" => (
+            State::Done {
+                response: answer?,
+                delivered: match text(items.get(9))? {
+                    "1" => true,
+                    "0" => false,
+                    _ => return None,
+                },
             },
-            delivered: match text(items.get(9))? {
-                "1" => true,
-                "0" => false,
-                _ => return None,
-            },
-        },
+            None,
+        ),
         _ => return None,
     };
     Some(Record {
@@ -890,6 +1019,8 @@ fn record(items: &[Value]) -> Option<Record> {
         fields: text(items.get(4))?.to_string(),
         age_ms: u64::try_from(int(items.get(5))?).unwrap_or(0),
         credential: text(items.get(10))?.to_string(),
+        answer,
+        owed: text(items.get(11))? == "1",
     })
 }
 
@@ -1110,12 +1241,14 @@ mod tests {
                 b"\xff\x00",
                 b"1",
                 b"c0ffee",
+                b"1",
             ],
             42,
         );
         let parsed = record(&done).unwrap();
         assert_eq!(parsed.age_ms, 42);
         assert_eq!(parsed.credential, "c0ffee");
+        assert!(parsed.owed);
         assert_eq!(
             parsed.state,
             State::Done {
@@ -1134,7 +1267,17 @@ mod tests {
         let mut bad = done.clone();
         bad[6] = Value::BulkString(b"99999".to_vec());
         assert!(record(&bad).is_none());
-        assert!(record(&done[..10]).is_none());
+        assert!(record(&done[..11]).is_none());
+        // A release without an answer, and one with the leader's answer for its waiters.
+        let mut released = done.clone();
+        released[1] = Value::BulkString(b"released".to_vec());
+        assert_eq!(
+            record(&released).unwrap().answer.map(|a| a.status),
+            Some(201)
+        );
+        released[6] = Value::BulkString(Vec::new());
+        let parsed = record(&released).unwrap();
+        assert_eq!((parsed.state, parsed.answer), (State::Released, None));
         assert!(claim_answer("claim", Value::Int(1), "t".into()).is_err());
         assert!(claim_answer("claim", Value::Array(vec![]), "t".into()).is_err());
         assert!(flag("renew", &Value::Int(2)).is_err());
@@ -1155,6 +1298,7 @@ mod tests {
                 b"",
                 b"0",
                 b"",
+                b"0",
             ],
             1,
         );

@@ -29,11 +29,13 @@ local function changed_if_waited(what)
   end
 end
 
--- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred}, or false
--- when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed here.
+-- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed}, or
+-- false when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed
+-- here. status/head/body are the answer of a 'done' record, or the answer that came with a 'released' or
+-- 'unknown' outcome (empty when none came).
 local function read_record(now)
   local r = redis.call('HMGET', record_key, 'state', 'owner', 'fp', 'fields', 'created', 'lease_until',
-    'status', 'head', 'body', 'delivered', 'cred')
+    'status', 'head', 'body', 'delivered', 'cred', 'owed')
   if not r[1] then
     return false
   end
@@ -46,7 +48,15 @@ local function read_record(now)
     age = 0
   end
   return {'existing', state, r[2] or '', r[3] or '', r[4] or '', age, r[7] or '', r[8] or '', r[9] or '',
-    r[10] or '0', r[11] or ''}
+    r[10] or '0', r[11] or '', r[12] or '0'}
+end
+
+-- Keeps the answer that came with a 'released' or 'unknown' outcome (ARGV from `first` on: status, head,
+-- body; an empty status: none came), for the duplicates that waited.
+local function keep_answer(first)
+  if ARGV[first] ~= '' then
+    redis.call('HSET', record_key, 'status', ARGV[first], 'head', ARGV[first + 1], 'body', ARGV[first + 2])
+  end
 end
 
 -- Fencing: whether `token` leads the record and its lease still holds. Every change a leader makes

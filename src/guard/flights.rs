@@ -1,0 +1,204 @@
+//! The leaders this process runs, by key: consulted before and after the store, whatever the store is.
+//!
+//! A duplicate that arrives while a leader of its key runs in this process joins that leader and shares its
+//! outcome in memory, whatever the store says or forgets: a full memory store that evicted the record, a Redis
+//! that was flushed or restarted, a Redis that hangs while its leader runs (`fail-open` would otherwise claim
+//! anew on the in-process fallback), or a leader that claimed on the fallback while Redis was away. The store
+//! stays the authority between processes; this registry only closes the gaps inside one.
+//!
+//! A leader registers right after its claim and publishes its outcome as soon as its call ends (before the
+//! store write), so joiners are answered at once. Its entry goes when the store holds the outcome; when the
+//! store could not take it (the record was gone, or the write failed), the entry lingers for the wait timeout,
+//! so that duplicates already waiting still find the answer here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::proxy::error::ProxyError;
+use crate::store::{Key, Stored};
+
+/// What a leader's call ended with, as its duplicates receive it.
+#[derive(Clone, Debug)]
+pub enum Shared {
+    /// The upstream's answer (stored, released or unknown, all the same to a duplicate that waited).
+    Answer(Stored),
+    /// runonce's own answer: the call failed (unreachable, timed out, broken).
+    Error(ProxyError),
+}
+
+/// One leader's call in this process.
+pub struct Flight {
+    /// The store's owner token of the leader.
+    pub token: String,
+    /// The leader's payload fingerprint and field digests (an `Idempotency-Key` reused with another payload
+    /// is refused, as the store would).
+    pub fingerprint: String,
+    pub fields: String,
+    /// The digest of the leader's access token: a joiner with another token is replayed only after the
+    /// server accepted its token.
+    pub credential: String,
+    outcome: watch::Sender<Option<Shared>>,
+}
+
+impl Flight {
+    /// Publishes the leader's outcome to every joiner, now and later.
+    pub fn settle(&self, shared: Shared) {
+        self.outcome.send_replace(Some(shared));
+    }
+
+    /// The leader's outcome, once it is known.
+    pub async fn outcome(&self) -> Shared {
+        let mut rx = self.outcome.subscribe();
+        loop {
+            if let Some(shared) = rx.borrow_and_update().clone() {
+                return shared;
+            }
+            // The sender lives in `self`: `changed` can only fail once we are gone.
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// Every leader running in this process, by key.
+#[derive(Default)]
+pub struct Flights {
+    /// A std mutex: each use is one map operation, never held across an `.await`.
+    by_key: Mutex<HashMap<Key, Arc<Flight>>>,
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers the leader that holds `token` on `key` (replacing a lingering entry of an earlier leader).
+    pub fn lead(
+        &self,
+        key: &Key,
+        token: &str,
+        fingerprint: &str,
+        fields: &str,
+        credential: &str,
+    ) -> Arc<Flight> {
+        let flight = Arc::new(Flight {
+            token: token.to_string(),
+            fingerprint: fingerprint.to_string(),
+            fields: fields.to_string(),
+            credential: credential.to_string(),
+            outcome: watch::channel(None).0,
+        });
+        self.lock().insert(key.clone(), Arc::clone(&flight));
+        flight
+    }
+
+    /// The leader of `key` in this process, running or lingering.
+    pub fn find(&self, key: &Key) -> Option<Arc<Flight>> {
+        self.lock().get(key).cloned()
+    }
+
+    /// The leader's outcome is in the store (`landed`): its entry goes. Otherwise it stays for `linger`, for
+    /// the duplicates that wait and find no record.
+    pub fn finished(
+        self: &Arc<Self>,
+        key: &Key,
+        flight: &Arc<Flight>,
+        landed: bool,
+        linger: Duration,
+    ) {
+        if landed {
+            self.forget(key, flight);
+            return;
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            self.forget(key, flight);
+            return;
+        }
+        let (this, key, flight) = (Arc::clone(self), key.clone(), Arc::clone(flight));
+        tokio::spawn(async move {
+            tokio::time::sleep(linger).await;
+            this.forget(&key, &flight);
+        });
+    }
+
+    /// Removes `flight`'s entry, unless another leader has taken the key since.
+    fn forget(&self, key: &Key, flight: &Arc<Flight>) {
+        let mut by_key = self.lock();
+        if by_key.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            by_key.remove(key);
+        }
+    }
+
+    /// Leaders registered now (running or lingering).
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn key(n: u8) -> Key {
+        Key::from_digest(&[n; 32])
+    }
+
+    fn answer() -> Stored {
+        Stored {
+            status: 200,
+            head: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"),
+            body: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn joiners_get_the_outcome_published_before_or_after_they_join() {
+        let flights = Arc::new(Flights::default());
+        let flight = flights.lead(&key(1), "t", "fp", "{}", "");
+        let joined = flights.find(&key(1)).unwrap();
+        let early = tokio::spawn(async move { joined.outcome().await });
+        tokio::task::yield_now().await;
+        flight.settle(Shared::Answer(answer()));
+        assert!(matches!(early.await.unwrap(), Shared::Answer(a) if a == answer()));
+        let late = flights.find(&key(1)).unwrap();
+        assert!(matches!(late.outcome().await, Shared::Answer(_)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outcome_the_store_did_not_take_lingers_for_the_wait_timeout() {
+        let flights = Arc::new(Flights::default());
+        let landed = flights.lead(&key(1), "a", "fp", "{}", "");
+        flights.finished(&key(1), &landed, true, Duration::from_secs(30));
+        assert!(
+            flights.find(&key(1)).is_none(),
+            "in the store: gone at once"
+        );
+
+        let lost = flights.lead(&key(2), "b", "fp", "{}", "");
+        lost.settle(Shared::Answer(answer()));
+        flights.finished(&key(2), &lost, false, Duration::from_secs(30));
+        tokio::time::sleep(Duration::from_secs(29)).await;
+        assert!(flights.find(&key(2)).is_some(), "lingers");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(flights.find(&key(2)).is_none(), "then goes");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lingering_entry_never_removes_a_newer_leader() {
+        let flights = Arc::new(Flights::default());
+        let old = flights.lead(&key(1), "a", "fp", "{}", "");
+        flights.finished(&key(1), &old, false, Duration::from_secs(1));
+        let new = flights.lead(&key(1), "b", "fp", "{}", "");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(flights.find(&key(1)).unwrap().token, new.token);
+    }
+}

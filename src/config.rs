@@ -162,6 +162,10 @@ settings! {
     /// A leader's lease on its key, renewed every third of it while the upstream call runs. A lease that runs
     /// out (runonce died mid-call) leaves the key `unknown`: never re-run automatically.
     lease: Dur = Dur::secs(10), flag "lease";
+    /// How long a leader's answer waits for the client's connection to confirm it took it (the next request,
+    /// or a close without a reset); a connection that stays open without a reset this long took it. Until
+    /// then identical calls wait; an answer the client did not take is replayed to its retry.
+    delivery_grace: Dur = Dur::millis(250), flag "delivery-grace";
     /// An identical call after a client received the answer: `new-call` (runs again) or `replay`. Routes may
     /// override it.
     after_delivery: AfterDelivery = AfterDelivery::NewCall, flag "after-delivery";
@@ -266,7 +270,8 @@ impl Settings {
                 "must differ from listen",
             ));
         }
-        let positive: [(&str, u64); 16] = [
+        let positive: [(&str, u64); 17] = [
+            ("delivery_grace", self.delivery_grace.0.as_millis() as u64),
             ("memory_max_keys", self.memory_max_keys.0 as u64),
             ("store_timeout", self.store_timeout.0.as_millis() as u64),
             ("window", self.window.0.as_millis() as u64),
@@ -326,6 +331,14 @@ impl Settings {
                     "must be at least upstream_timeout ({}): a duplicate waits for the whole leader call",
                     self.upstream_timeout
                 ),
+            ));
+        }
+        // The key stays in flight while the answer's delivery is confirmed, after the last renewal.
+        if self.delivery_grace.0 * 3 > self.lease.0 {
+            return Err(ConfigError::new(
+                "delivery_grace",
+                self.delivery_grace,
+                format!("must be at most a third of lease ({})", self.lease),
             ));
         }
         // The leader renews every third of its lease, and a renewal may take up to store_timeout.
@@ -813,6 +826,10 @@ pub struct Dur(pub Duration);
 impl Dur {
     const fn secs(s: u64) -> Dur {
         Dur(Duration::from_secs(s))
+    }
+
+    const fn millis(ms: u64) -> Dur {
+        Dur(Duration::from_millis(ms))
     }
 }
 

@@ -127,6 +127,7 @@ pub struct Metrics {
     pub key_mismatches: Counter,
     /// Identical calls after a delivered answer that ran as new calls.
     pub new_calls_after_delivery: Counter,
+    pub answers_not_taken: Counter,
     /// Successful and refused configuration reloads.
     pub reloads: Family<ReloadLabel, Counter>,
 }
@@ -243,6 +244,12 @@ impl Metrics {
             "Identical calls after a client received the answer that ran again",
             new_calls_after_delivery.clone(),
         );
+        let answers_not_taken = Counter::default();
+        registry.register(
+            "answers_not_taken",
+            "Leaders' answers the client's connection did not take (reset, or closed before it came): replayed to its retry",
+            answers_not_taken.clone(),
+        );
         let reloads = Family::<ReloadLabel, Counter>::default();
         registry.register(
             "config_reloads",
@@ -266,6 +273,7 @@ impl Metrics {
             key_mismatches,
             memory_evictions,
             new_calls_after_delivery,
+            answers_not_taken,
             reloads,
         }
     }

@@ -34,6 +34,7 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::admin::{self, Admin};
 use crate::config::Settings;
+use crate::proxy::delivery::{Delivery, Watched};
 use crate::proxy::lane::{self, Exit, Rewind};
 use crate::proxy::Proxy;
 use crate::reload::{Reloader, Source};
@@ -199,6 +200,7 @@ async fn serve_proxy(
         };
         let proxy = Arc::clone(&proxy);
         let (http, tls, watcher) = (http.clone(), tls.clone(), graceful.watcher());
+        let grace = settings.delivery_grace.0;
         let stopped = stopped.clone();
         workers.spawn(async move {
             let stream = match tokio::net::TcpStream::from_std(stream) {
@@ -218,12 +220,19 @@ async fn serve_proxy(
             } else {
                 (stream, BytesMut::new())
             };
+            // Whether the client took each guarded answer: its next request, or a close without a reset.
+            let delivery = Delivery::new();
+            let watching = Arc::clone(&delivery);
             let service = service_fn(move |request| {
-                let proxy = Arc::clone(&proxy);
-                async move { Ok::<_, std::convert::Infallible>(proxy.handle(request, peer).await) }
+                let (proxy, delivery) = (Arc::clone(&proxy), Arc::clone(&watching));
+                async move {
+                    let answer = proxy.handle(request, peer, Some(&delivery)).await;
+                    Ok::<_, std::convert::Infallible>(answer)
+                }
             });
             // TLS, when configured, shakes hands inside the connection's first read (see `tls::ClientIo`).
             let io = Rewind::new(crate::tls::ClientIo::new(stream, peer, tls.as_ref()), read);
+            let io = Watched::new(io, delivery, grace);
             let connection = watcher.watch(http.serve_connection(TokioIo::new(io), service));
             if let Err(err) = connection.await {
                 log_connection_error(&err, peer);

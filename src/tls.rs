@@ -132,6 +132,16 @@ impl ClientIo {
     }
 }
 
+impl crate::proxy::delivery::SocketError for ClientIo {
+    fn socket_error(&self) -> Option<io::Error> {
+        match &self.state {
+            State::Plain(stream) => stream.socket_error(),
+            State::Tls(stream) => stream.get_ref().0.socket_error(),
+            State::Handshaking(_) | State::Failed => None,
+        }
+    }
+}
+
 fn failed() -> io::Error {
     io::Error::new(io::ErrorKind::NotConnected, "the TLS handshake failed")
 }

@@ -47,6 +47,8 @@ async fn the_key_api_lists_reads_and_purges(store: &str) {
     }
     let lost = "appId=1&jobId=99&instanceParams=hangup";
     assert_eq!(run_job(addr, lost).await.status, 502);
+    // The answers are stored once their delivery is confirmed (a grace after the close).
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
 
     let (status, all) = get(admin, "/keys").await;
     assert_eq!(status, 200, "{all}");

@@ -579,3 +579,75 @@ async fn the_510_resend_is_recognised_across_replicas() {
         .count();
     assert_eq!(run_jobs, 2, "one runJob per logical call");
 }
+
+/// A client whose timeout fires while the answer is in transit (the 5.1.x client gives a whole call 2 s) has
+/// not received it: its retry is replayed, not run as a new call.
+#[tokio::test]
+async fn an_answer_the_client_gave_up_on_is_not_delivered() {
+    use tokio::io::AsyncWriteExt;
+    let upstream =
+        RawUpstream::start(|_| Script::Slow(Duration::from_millis(400), ok_answer(""))).await;
+    let proxy = proxy(&[upstream.url()], &[]);
+    let addr = proxy.addr("proxy");
+    // Keep-alive, as OkHttp: the connection stays open after the answer unless the client closes it.
+    let request = form_post(RUN_JOB, FORM, "")
+        .into_iter()
+        .collect::<Vec<u8>>();
+    let request = String::from_utf8(request)
+        .unwrap()
+        .replace("Connection: close\r\n", "");
+    let mut gave_up = tokio::net::TcpStream::connect(addr).await.unwrap();
+    gave_up.write_all(request.as_bytes()).await.unwrap();
+    // The answer reaches the client's socket, but the call timeout fires before the client reads it: it
+    // closes the socket with the answer unread, and its system sends a reset.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    drop(gave_up);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let retry = run_job(addr, "").await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.exact("Idempotent-Replayed"), Some("true"));
+    assert_eq!(upstream.count(), 1, "the retry was not a new call");
+}
+
+/// An answer is delivered once confirmed: the connection carries the client's next request, or stays open
+/// without a reset for the grace, or closes cleanly after the client read it. Then an identical call is a
+/// new call (a deliberate repeat).
+#[tokio::test]
+async fn a_confirmed_delivery_makes_an_identical_call_a_new_call() {
+    use tokio::io::AsyncWriteExt;
+    let upstream = RawUpstream::start(|_| Script::Answer(ok_answer(""))).await;
+    let proxy = proxy(&[upstream.url()], &[]);
+    let addr = proxy.addr("proxy");
+    let keep_alive = |body: &str| {
+        format!(
+            "POST {RUN_JOB} HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // The next request on the same connection confirms the first answer.
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = "jobId=5&delay=0&appId=1&instanceParams=next";
+    conn.write_all(keep_alive(body).as_bytes()).await.unwrap();
+    let first = read_response(&mut conn).await.unwrap();
+    conn.write_all(keep_alive(body).as_bytes()).await.unwrap();
+    let second = read_response(&mut conn).await.unwrap();
+    assert_eq!(second.exact("Idempotent-Replayed"), None);
+    assert_ne!(second.json().unwrap()["data"], serde_json::Value::Null);
+    assert_eq!(first.status, 200);
+    // A connection that stays open, read, without a reset: delivered after the grace.
+    let body = "jobId=5&delay=0&appId=1&instanceParams=open";
+    let mut open = tokio::net::TcpStream::connect(addr).await.unwrap();
+    open.write_all(keep_alive(body).as_bytes()).await.unwrap();
+    read_response(&mut open).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let again = run_job_body(addr, body, "").await;
+    assert_eq!(again.exact("Idempotent-Replayed"), None, "a new call");
+    // Read, then closed cleanly (Connection: close).
+    let body = "jobId=5&delay=0&appId=1&instanceParams=closed";
+    run_job_body(addr, body, "").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let again = run_job_body(addr, body, "").await;
+    assert_eq!(again.exact("Idempotent-Replayed"), None, "a new call");
+    assert_eq!(upstream.count(), 6);
+    drop(open);
+}

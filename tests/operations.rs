@@ -155,7 +155,8 @@ async fn a_full_memory_store_evicts_only_delivered_answers_and_counts_them() {
         refused.status, 503,
         "both answers settled just now: none evictable"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Stored once the delivery is confirmed (250 ms), then kept from eviction for 300 ms.
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
     let answer = run_job(addr, "jobId=3&appId=1", "").await;
     assert_eq!(answer.status, 200, "{}", answer.text());
     // The third claim found two delivered answers and dropped the oldest.

@@ -289,11 +289,15 @@ async fn a_delivered_call_costs_redis_two_scripts_and_its_delivery_is_recorded()
     let addr = proxy.addr("proxy");
     // Loads the scripts (the first use of each is an EVAL after a NOSCRIPT).
     assert_eq!(run_job(addr).await.status, 200);
+    // Its answer is stored once its delivery is confirmed, a grace after the close.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     redis.query(&["CONFIG", "RESETSTAT"]).expect("reset");
     let body = "jobId=5&delay=0&appId=1&instanceParams=two-scripts";
     let first = raw(addr, &form_post(RUN_JOB, body, "")).await.unwrap();
     assert_eq!(first.status, 200);
-    // Claim, then complete with the delivery in the same write: no third script to mark it delivered.
+    // Claim, then complete with the delivery in the same write once the connection confirmed it (the close
+    // without a reset, a grace after it): no third script to mark it delivered.
+    tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(script_calls(&redis), (2, 0));
     // The delivery was recorded: an identical call now is a deliberate repeat, a new instance.
     let repeat = raw(addr, &form_post(RUN_JOB, body, "")).await.unwrap();

@@ -41,12 +41,30 @@ pub struct Flight {
     /// server accepted its token.
     pub credential: String,
     outcome: watch::Sender<Option<Shared>>,
+    /// The answer is a definite one, to be stored once its delivery is confirmed.
+    done: std::sync::atomic::AtomicBool,
+    /// Whether the store took the outcome (`Some(true)`), or could not (`Some(false)`); `None` until then.
+    landed: watch::Sender<Option<bool>>,
 }
 
 impl Flight {
-    /// Publishes the leader's outcome to every joiner, now and later.
-    pub fn settle(&self, shared: Shared) {
+    /// Publishes the leader's outcome to every joiner, now and later; `done` for a definite answer (stored
+    /// once its delivery is confirmed).
+    pub fn settle(&self, shared: Shared, done: bool) {
+        self.done.store(done, std::sync::atomic::Ordering::Release);
         self.outcome.send_replace(Some(shared));
+    }
+
+    /// Whether the leader's definite answer is out, its delivery still being confirmed (or just stored).
+    pub fn answered(&self) -> bool {
+        self.outcome.borrow().is_some() && self.done.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether the store took the outcome, once it is known; `false` also when `deadline` passed first.
+    pub async fn landed(&self, deadline: tokio::time::Instant) -> bool {
+        let mut rx = self.landed.subscribe();
+        let known = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
+        matches!(known, Ok(Ok(landed)) if *landed == Some(true))
     }
 
     /// The leader's outcome, once it is known.
@@ -91,6 +109,8 @@ impl Flights {
             fields: fields.to_string(),
             credential: credential.to_string(),
             outcome: watch::channel(None).0,
+            done: std::sync::atomic::AtomicBool::new(false),
+            landed: watch::channel(None).0,
         });
         self.lock().insert(key.clone(), Arc::clone(&flight));
         flight
@@ -110,6 +130,7 @@ impl Flights {
         landed: bool,
         linger: Duration,
     ) {
+        flight.landed.send_replace(Some(landed));
         if landed {
             self.forget(key, flight);
             return;
@@ -167,7 +188,7 @@ mod tests {
         let joined = flights.find(&key(1)).unwrap();
         let early = tokio::spawn(async move { joined.outcome().await });
         tokio::task::yield_now().await;
-        flight.settle(Shared::Answer(answer()));
+        flight.settle(Shared::Answer(answer()), true);
         assert!(matches!(early.await.unwrap(), Shared::Answer(a) if a == answer()));
         let late = flights.find(&key(1)).unwrap();
         assert!(matches!(late.outcome().await, Shared::Answer(_)));
@@ -184,7 +205,7 @@ mod tests {
         );
 
         let lost = flights.lead(&key(2), "b", "fp", "{}", "");
-        lost.settle(Shared::Answer(answer()));
+        lost.settle(Shared::Answer(answer()), true);
         flights.finished(&key(2), &lost, false, Duration::from_secs(30));
         tokio::time::sleep(Duration::from_secs(29)).await;
         assert!(flights.find(&key(2)).is_some(), "lingers");

@@ -44,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
 use crate::metrics::{self, Role};
 use crate::proxy::answer::Answer;
+use crate::proxy::delivery::Delivery;
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
 use crate::proxy::tap::Arm;
@@ -80,6 +81,8 @@ pub struct Guard {
     policy: ArcSwap<Policy>,
     upstreams: Arc<Upstreams>,
     lease: Duration,
+    /// How long a leader's answer waits for the client's connection to confirm it took it.
+    delivery_grace: Duration,
     /// Whether `/authApp` calls are noted in the store (the 5.1.0 re-send signature): only when the auth
     /// header is not repaired; with the repair the 5.1.0 client never re-sends.
     notes_auth: bool,
@@ -135,6 +138,9 @@ struct Call {
     parts: request::Parts,
     body: Bytes,
     repair: bool,
+    /// The client's connection, watched for whether it takes the leader's answer (none: taken when handed
+    /// to it).
+    delivery: Option<Arc<Delivery>>,
 }
 
 /// Why a request could not be decided: the store failed, or a definite refusal.
@@ -176,6 +182,7 @@ impl Guard {
             policy: ArcSwap::from_pointee(Policy::new(settings)),
             upstreams,
             lease: settings.lease.0,
+            delivery_grace: settings.delivery_grace.0,
             notes_auth: settings.auth_header == AuthHeader::Preserve,
             heads: Heads::default(),
             tracker: TaskTracker::new(),
@@ -257,6 +264,7 @@ impl Guard {
         body: Bytes,
         client: SocketAddr,
         repair: bool,
+        delivery: Option<Arc<Delivery>>,
     ) -> Result<Response<Answer>, ProxyError> {
         if route.only_creating && key::names_existing_record(&body) {
             // An update of an existing record creates nothing: no key, no store.
@@ -264,7 +272,7 @@ impl Guard {
             let led = self.call_upstream(parts, body, repair).await?;
             return Ok(Response::from_parts(led.parts, Answer::new(led.body)));
         }
-        let call = match self.key(Arc::clone(&route), parts, body, client, repair) {
+        let call = match self.key(Arc::clone(&route), parts, body, client, repair, delivery) {
             Ok(call) => Arc::new(call),
             Err(err) => {
                 account(&route, None, &Seen::default(), Err(&err));
@@ -329,6 +337,7 @@ impl Guard {
         body: Bytes,
         client: SocketAddr,
         repair: bool,
+        delivery: Option<Arc<Delivery>>,
     ) -> Result<Call, ProxyError> {
         let policy = self.policy.load();
         let client_key = client_key(&parts.headers)?;
@@ -376,6 +385,7 @@ impl Guard {
             parts,
             body,
             repair,
+            delivery,
         })
     }
 
@@ -389,8 +399,12 @@ impl Guard {
         let wait_timeout = self.policy.load().wait_timeout;
         let deadline = tokio::time::Instant::now() + wait_timeout;
         // Before the store: a leader of this key in this process answers, whatever the store says or forgot.
+        // Once its definite answer is out, whether this call is a retry or a new one depends on whether the
+        // client took that answer: the store says so once the delivery is confirmed.
         if let Some(flight) = self.flights.find(&call.key) {
-            return self.join(store, call, &flight, deadline, seen).await;
+            if !flight.answered() || !flight.landed(deadline).await {
+                return self.join(store, call, &flight, deadline, seen).await;
+            }
         }
         // A request that waited for a call in flight is a retry of it: the answer it finds is its own,
         // delivered to someone or not, whichever leader stored it.
@@ -479,6 +493,14 @@ impl Guard {
                     }
                 },
                 State::InFlight => {
+                    // The leader runs here (it registered after our first look); as above.
+                    if let (false, Some(flight)) = (waited, self.flights.find(&call.key)) {
+                        if !flight.answered() || !flight.landed(deadline).await {
+                            return self.join(store, call, &flight, deadline, seen).await;
+                        }
+                        claim = store.claim(&call.key, &call.info).await?;
+                        continue;
+                    }
                     if !waited {
                         seen.waited_since = Some(Instant::now());
                     }
@@ -616,7 +638,8 @@ impl Guard {
         let led = led?;
         let body = Answer::new(led.body);
         let body = match led.completion {
-            Some(completion) => body.record_delivery(completion.delivered()),
+            Some(completion) => body
+                .record_delivery(completion.handed_out(call.delivery.clone(), self.delivery_grace)),
             None => body,
         };
         Ok(Response::from_parts(led.parts, body))
@@ -705,7 +728,7 @@ impl Guard {
             ),
         };
         // The duplicates in this process have their answer now, before the store write.
-        flight.settle(shared);
+        flight.settle(shared, matches!(outcome, Outcome::Done(_)));
         let reason = outcome.reason();
         let linger = self.policy.load().wait_timeout;
         let (counted, change) = match outcome {
@@ -903,16 +926,16 @@ fn note_change(key: &Key, change: Result<bool, StoreError>) {
     }
 }
 
-/// A leader's definite answer, stored in one write with its delivery: as delivered when the client's connection
-/// takes the body ([`Completion::delivered`], before the data goes out, as [`Store::mark_delivered`] would be),
-/// as not delivered when the body is dropped unread (the client went away). Until then the key stays in flight
+/// A leader's definite answer, stored in one write with its delivery: once the client's connection confirmed
+/// whether the client took the body ([`Completion::handed_out`], `proxy::delivery`), or as not delivered when
+/// the body is dropped unread (the client went away). Until then the key stays in flight
 /// (duplicates wait, and are woken by the write), and the task tracker counts the completion, so that shutdown
 /// waits for it. A write that did not finish (the body dropped while it ran) is run again in a tracked task of
 /// its own: the store's scripts are idempotent for their leader, so a second landing changes nothing.
 struct Completion {
     /// The write, until it finished.
     write: Option<Write>,
-    /// The client's connection took the body: a write still owed on drop stores it as delivered.
+    /// Taken as delivered when handed out (no connection to watch): a write still owed on drop stores it so.
     delivered: bool,
     _pending: TaskTrackerToken,
 }
@@ -950,14 +973,35 @@ impl Write {
 }
 
 impl Completion {
-    /// Stores the answer as delivered; resolves when the write landed or failed (then it is retried in the
-    /// background).
-    async fn delivered(mut self) {
-        self.delivered = true;
-        if let Some(write) = &self.write {
-            write.run(true).await;
+    /// The body was handed to the client's connection. With a `delivery` watch, the answer is stored once the
+    /// connection confirmed whether the client took it (see `proxy::delivery`), in a tracked task: the data
+    /// goes out now, and identical calls wait meanwhile (the key is still in flight). Without one, it is stored
+    /// as delivered before the data goes out.
+    async fn handed_out(mut self, delivery: Option<Arc<Delivery>>, grace: Duration) {
+        match delivery {
+            Some(delivery) => {
+                let Some(write) = self.write.take() else {
+                    return;
+                };
+                let confirmed = delivery.handed_out(grace);
+                let tracker = write.guard.tracker.clone();
+                tracker.spawn(async move {
+                    let taken = confirmed.await;
+                    if !taken {
+                        metrics::get().answers_not_taken.inc();
+                    }
+                    write.run(taken).await;
+                });
+            }
+            None => {
+                // Should the body be dropped while this runs, `Drop` runs the write again (as delivered).
+                self.delivered = true;
+                if let Some(write) = &self.write {
+                    write.run(true).await;
+                }
+                self.write = None;
+            }
         }
-        self.write = None;
     }
 }
 

@@ -164,6 +164,12 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
 
 write_through!(Rewind);
 
+impl<T: crate::proxy::delivery::SocketError> crate::proxy::delivery::SocketError for Rewind<T> {
+    fn socket_error(&self) -> Option<io::Error> {
+        self.io.socket_error()
+    }
+}
+
 /// What the bytes read so far hold.
 enum Head {
     /// A request for the lane, its head consumed.

@@ -58,6 +58,7 @@ macro_rules! write_through {
 
 pub mod access;
 pub mod answer;
+pub mod delivery;
 pub mod error;
 pub mod headers;
 pub mod lane;
@@ -141,14 +142,16 @@ impl Proxy {
     }
 
     /// Answers one client request; never fails: errors become PowerJob-shaped answers.
+    /// `delivery` watches the client's connection for whether it took a guarded answer.
     pub async fn handle(
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
+        delivery: Option<&Arc<delivery::Delivery>>,
     ) -> Response<ResponseBody> {
         let method = request.method().clone();
         let uri = request.uri().clone();
-        match self.dispatch(request, client).await {
+        match self.dispatch(request, client, delivery).await {
             Ok(response) => response,
             Err(err) => {
                 let mut response = rescue(&err, &method, uri.path());
@@ -169,6 +172,7 @@ impl Proxy {
         &self,
         request: Request<Incoming>,
         client: SocketAddr,
+        delivery: Option<&Arc<delivery::Delivery>>,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // A request refused before it is routed counts as `rejected` on route `other` (the engine counts its
         // own); an access refusal's one log line (the rescue's) names who was refused.
@@ -228,7 +232,11 @@ impl Proxy {
                 .check_apps(scope, &parts, &bytes)
                 .map_err(refused)?;
             if let Some(route) = route {
-                let answer = self.guard.handle(route, parts, bytes, client, repair).await;
+                let delivery = delivery.cloned();
+                let answer = self
+                    .guard
+                    .handle(route, parts, bytes, client, repair, delivery)
+                    .await;
                 return answer.map(|response| response.map(Either::Right));
             }
             Either::Right(Full::new(bytes))

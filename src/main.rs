@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use runonce::config::{self, Flags, LogFormat, Settings};
-use runonce::powerjob::mock::{self, MockOptions, Mode};
+use runonce::powerjob::mock::{self, Fault, FaultKind, MockOptions, Mode};
 use runonce::{demo, health, server, telemetry};
 
 /// An idempotency proxy for PowerJob: one runJob reaches the server once, however often the client sends it.
@@ -74,6 +74,17 @@ struct MockArgs {
     /// That app's id.
     #[arg(long, default_value_t = 1)]
     app_id: i64,
+    /// Fault for runJob/runWorkflow: timeout-after-create, error-after-create, 5xx-after-create,
+    /// 502-after-create, 504-after-create, stall-after-create, close-without-create (or none). POST /mock/fault
+    /// changes it at run time.
+    #[arg(long, default_value = "none")]
+    fault: FaultKind,
+    /// How many creating calls get --fault (default: every one).
+    #[arg(long, value_name = "N", requires = "fault")]
+    fault_count: Option<u64>,
+    /// Replaces the success:false message of timeout-after-create and error-after-create.
+    #[arg(long, value_name = "TEXT", requires = "fault")]
+    fault_message: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -202,6 +213,11 @@ async fn mock_powerjob(args: MockArgs) -> ExitCode {
         app_name: args.app_name,
         password: args.password,
         app_id: args.app_id,
+        fault: Fault {
+            kind: args.fault,
+            remaining: args.fault_count,
+            message: args.fault_message,
+        },
     };
     match mock::run(listener, options, server::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -651,3 +651,71 @@ async fn a_confirmed_delivery_makes_an_identical_call_a_new_call() {
     assert_eq!(upstream.count(), 6);
     drop(open);
 }
+
+/// The mock creates the instance, then answers as PowerJob does when a forward timed out, the dispatch after
+/// the insert failed, the server failed, or a hop in front of it gave up; or it never answers. Five identical
+/// calls at once and a retry after: one instance, at the default settings and on Redis.
+async fn the_mock_creates_then_answers_badly(store: &[&str]) {
+    for (i, fault) in [
+        "timeout-after-create",
+        "error-after-create",
+        "5xx-after-create",
+        "502-after-create",
+        "504-after-create",
+        "stall-after-create",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mock = Process::start(
+            &[
+                "mock-powerjob",
+                "--listen",
+                "127.0.0.1:0",
+                "--mode",
+                "v5.1.1-auth-off",
+                "--latency-ms",
+                "300",
+                "--fault",
+                fault,
+            ],
+            &[],
+        );
+        let mut flags = store.to_vec();
+        flags.extend(["--upstream-timeout", "2s", "--wait-timeout", "2s"]);
+        let proxy = proxy(&[url(mock.addr("mock"))], &flags);
+        let addr = proxy.addr("proxy");
+        let body = format!("jobId=5&delay=0&appId=1&instanceParams=mock-{i}");
+        let calls: Vec<_> = (0..5)
+            .map(|n| {
+                let body = body.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(if n == 0 { 0 } else { 100 })).await;
+                    run_job_body(addr, &body, "").await
+                })
+            })
+            .collect();
+        let mut statuses = Vec::new();
+        for call in calls {
+            statuses.push(call.await.unwrap().status);
+        }
+        statuses.dedup();
+        assert_eq!(statuses.len(), 1, "{fault}: one outcome shared by all: {statuses:?}");
+        let retry = run_job_body(addr, &body, "").await;
+        assert_eq!(retry.status, 409, "{fault}: {}", retry.text());
+        let stats = mock_stats(mock.addr("mock")).await;
+        assert_eq!(stats["instances"], 1, "{fault}: {stats}");
+    }
+}
+
+#[tokio::test]
+async fn the_mock_creates_then_answers_badly_on_the_memory_store() {
+    the_mock_creates_then_answers_badly(&[]).await;
+}
+
+#[tokio::test]
+async fn the_mock_creates_then_answers_badly_on_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    the_mock_creates_then_answers_badly(&["--store", &url]).await;
+}

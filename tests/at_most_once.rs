@@ -700,7 +700,11 @@ async fn the_mock_creates_then_answers_badly(store: &[&str]) {
             statuses.push(call.await.unwrap().status);
         }
         statuses.dedup();
-        assert_eq!(statuses.len(), 1, "{fault}: one outcome shared by all: {statuses:?}");
+        assert_eq!(
+            statuses.len(),
+            1,
+            "{fault}: one outcome shared by all: {statuses:?}"
+        );
         let retry = run_job_body(addr, &body, "").await;
         assert_eq!(retry.status, 409, "{fault}: {}", retry.text());
         let stats = mock_stats(mock.addr("mock")).await;

@@ -6,10 +6,11 @@
 //! so no background task is needed and memory never grows past `max_keys` records.
 //!
 //! When full, a new claim evicts the delivered answer closest to expiry. In-flight records, unknown outcomes,
-//! answers no client received yet, records a duplicate still waits on, and records settled within the last
-//! `linger` (the wait timeout: a waiter woken by the settling reads the record next) are never evicted: that
-//! would let a duplicate through. With none to evict, a claim fails with a `StoreError` and the route's
-//! store-error policy answers.
+//! answers no client received yet, records a duplicate waits on, and records a duplicate waited on that
+//! settled within the last `linger` (the wait timeout: a waiter woken by the settling reads the record next)
+//! are never evicted: that would let a duplicate through. A record nobody waited on goes as soon as it is
+//! delivered and settled, so a flood of unique calls keeps its pace. With none to evict, a claim fails with a
+//! `StoreError` and the route's store-error policy answers.
 //!
 //! Waiters sleep on a per-record `Notify`; every change wakes them under the lock, and [`MemoryStore::changed`]
 //! registers under the same lock, so no wake-up is lost.
@@ -60,6 +61,8 @@ struct Entry {
     created: Instant,
     /// When the record left `InFlight`.
     settled_at: Option<Instant>,
+    /// A duplicate found it in flight (and so waits, or waited, for it to settle).
+    waited_on: bool,
     expires_at: Instant,
     /// Woken on every change of this record.
     notify: Arc<Notify>,
@@ -134,6 +137,7 @@ impl MemoryStore {
                 owed: false,
                 created: now,
                 settled_at: None,
+                waited_on: false,
                 expires_at,
                 notify: Arc::new(Notify::new()),
             },
@@ -152,7 +156,11 @@ impl Store for MemoryStore {
                 inner.settle(key, Phase::Unknown, now + info.window, now);
             }
             if !matches!(inner.entries[key].phase, Phase::Released) {
-                return Ok(Claim::Existing(inner.entries[key].record(now)));
+                let entry = inner.entries.get_mut(key).expect("looked up above");
+                let record = entry.record(now);
+                // A duplicate that finds the call in flight waits for it: keep the record for it.
+                entry.waited_on |= record.state == State::InFlight;
+                return Ok(Claim::Existing(record));
             }
             // Released: nothing was created; the new claim leads.
             inner.remove(key);
@@ -351,9 +359,10 @@ impl Store for MemoryStore {
 
     async fn changed(&self, key: &Key, poll: Duration) {
         let notified = {
-            let inner = self.lock();
-            match inner.entries.get(key) {
+            let mut inner = self.lock();
+            match inner.entries.get_mut(key) {
                 Some(entry) if matches!(entry.phase, Phase::InFlight { .. }) => {
+                    entry.waited_on = true;
                     let mut notified = Box::pin(Arc::clone(&entry.notify).notified_owned());
                     // Registered under the lock that every change takes: a change after this wakes us.
                     notified.as_mut().enable();
@@ -414,23 +423,23 @@ impl Inner {
         }
     }
 
-    /// Evicts the delivered answer closest to expiry; `false` when there is none. In-flight records, unknown
-    /// outcomes, answers no client received yet, records someone waits on and records settled within the
-    /// last `linger` are never evicted: losing one would let a call run twice. A released record goes first:
-    /// it holds nothing but the answer its waiters read at once.
+    /// Evicts the delivered answer (or released record) closest to expiry; `false` when there is none.
+    /// In-flight records, unknown outcomes, answers no client received yet, records someone waits on, and
+    /// records someone waited on that settled within the last `linger` are never evicted: losing one would let
+    /// a waiter find nothing.
     fn evict_one_settled(&mut self, now: Instant, linger: Duration) -> bool {
         let evictable = |e: &Entry| {
-            let delivered = matches!(
+            let settled = matches!(
                 e.phase,
                 Phase::Done {
                     delivered: true,
                     ..
-                }
+                } | Phase::Released
             );
-            let settled_long_ago = e.settled_at.is_some_and(|at| at + linger <= now);
             // `changed` holds a clone of the `Notify` while it waits.
-            let waited_on = Arc::strong_count(&e.notify) > 1;
-            (delivered && settled_long_ago && !waited_on) || matches!(e.phase, Phase::Released)
+            let waited_now = Arc::strong_count(&e.notify) > 1;
+            let read_by_now = !e.waited_on || e.settled_at.is_some_and(|at| at + linger <= now);
+            settled && !waited_now && read_by_now
         };
         let victim = self
             .expirations
@@ -570,15 +579,28 @@ mod tests {
         }
     }
 
-    /// A waiter woken by the settling reads the record next: a delivered answer that settled within the
-    /// last `linger`, or that someone waits on, is not evicted (issue "at most once", defect 2).
+    /// A waiter woken by the settling reads the record next: a delivered answer a duplicate waited on that
+    /// settled within the last `linger`, or that someone waits on, is not evicted (issue "at most once",
+    /// defect 2); one nobody waited on goes at once.
     #[tokio::test(start_paused = true)]
     async fn a_full_store_keeps_what_settled_recently_or_is_waited_on() {
         let store = Arc::new(MemoryStore::new(2, Duration::from_secs(30)));
+        let Claim::Leader(token) = store.claim(&key(7), &info(600_000)).await.unwrap() else {
+            panic!()
+        };
+        store
+            .complete(&key(7), &token, &answer(), Duration::from_secs(600), true)
+            .await
+            .unwrap();
         for n in [1, 2] {
             let Claim::Leader(token) = store.claim(&key(n), &info(600_000)).await.unwrap() else {
                 panic!()
             };
+            // A duplicate finds it in flight.
+            assert!(matches!(
+                store.claim(&key(n), &info(600_000)).await.unwrap(),
+                Claim::Existing(_)
+            ));
             let answer = answer();
             store
                 .complete(&key(n), &token, &answer, Duration::from_secs(600), true)
@@ -586,8 +608,12 @@ mod tests {
                 .unwrap();
         }
         assert!(
+            store.get(&key(7)).await.unwrap().is_none(),
+            "nobody waited on it: made room at once"
+        );
+        assert!(
             store.claim(&key(3), &info(600_000)).await.is_err(),
-            "settled just now"
+            "waited on, settled just now"
         );
         tokio::time::advance(Duration::from_secs(31)).await;
         assert!(matches!(

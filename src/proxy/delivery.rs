@@ -19,6 +19,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -33,6 +34,8 @@ pub struct Delivery {
     /// The confirmation waited for, settled with whether the client took the answer. A std mutex: a few
     /// instructions, never held across an `.await`.
     pending: Mutex<Option<oneshot::Sender<bool>>>,
+    /// Whether `pending` holds one: every read of the connection looks, and most find none.
+    armed: AtomicBool,
 }
 
 impl Delivery {
@@ -44,11 +47,11 @@ impl Delivery {
     /// `grace` (then it stayed open without a reset: taken).
     pub fn handed_out(&self, grace: Duration) -> impl std::future::Future<Output = bool> + Send {
         let (tx, rx) = oneshot::channel();
-        let earlier = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(tx);
+        let earlier = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            self.armed.store(true, Ordering::Release);
+            pending.replace(tx)
+        };
         if let Some(earlier) = earlier {
             let _ = earlier.send(true);
         }
@@ -64,21 +67,21 @@ impl Delivery {
 
     /// Settles the confirmation waited for, if any.
     fn settle(&self, taken: bool) {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        if !self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let pending = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            self.armed.store(false, Ordering::Release);
+            pending.take()
+        };
         if let Some(pending) = pending {
             let _ = pending.send(taken);
         }
     }
 
     fn waited_for(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.armed.load(Ordering::Acquire)
     }
 }
 

@@ -7,9 +7,11 @@
 //! - [`server`]: listeners, connection cap, header limits and read timeout, graceful shutdown; [`tls`] toward
 //!   clients when configured.
 //! - [`proxy`]: the request's way: access control ([`proxy::access`]), classify, forward as a stream ([`proxy::upstream`] pool and failover,
-//!   [`proxy::tap`] auth-header repair on the upstream bytes, [`proxy::headers`] rules), and the one
-//!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer.
-//! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome.
+//!   [`proxy::tap`] auth-header repair on the upstream bytes, [`proxy::headers`] rules), the one
+//!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer, and [`proxy::delivery`],
+//!   which watches a client's connection for whether it took its answer.
+//! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome; the
+//!   leaders this process runs ([`guard::flights`]) answer their duplicates before the store does.
 //! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, the key API, `/reload`); [`health`], the `runonce health` check that GETs it.
 //! - [`metrics`]: the Prometheus metrics; [`reload`]: configuration reload (SIGHUP, `POST /reload`).

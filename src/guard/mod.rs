@@ -27,6 +27,7 @@ pub mod flights;
 pub mod heads;
 pub mod key;
 pub mod outcome;
+pub mod resolve;
 pub mod routes;
 
 use std::net::{IpAddr, SocketAddr};

@@ -166,6 +166,9 @@ settings! {
     /// or a close without a reset); a connection that stays open without a reset this long took it. Until
     /// then identical calls wait; an answer the client did not take is replayed to its retry.
     delivery_grace: Dur = Dur::millis(250), flag "delivery-grace";
+    /// How long after a `runJob` turned unknown runonce asks PowerJob (`queryInstance`, 5.1.1+) whether it
+    /// created an instance: longer than the server's worst creation path (a 5 s forward, a dispatch).
+    resolve_after: Dur = Dur::secs(15), flag "resolve-after";
     /// An identical call after a client received the answer: `new-call` (runs again) or `replay`. Routes may
     /// override it.
     after_delivery: AfterDelivery = AfterDelivery::NewCall, flag "after-delivery";
@@ -270,7 +273,8 @@ impl Settings {
                 "must differ from listen",
             ));
         }
-        let positive: [(&str, u64); 17] = [
+        let positive: [(&str, u64); 18] = [
+            ("resolve_after", self.resolve_after.0.as_millis() as u64),
             ("delivery_grace", self.delivery_grace.0.as_millis() as u64),
             ("memory_max_keys", self.memory_max_keys.0 as u64),
             ("store_timeout", self.store_timeout.0.as_millis() as u64),
@@ -367,6 +371,13 @@ impl Settings {
                     key,
                     name,
                     "a route is an OpenAPI endpoint name such as runJob",
+                ));
+            }
+            if route.resolve == Some(true) && name != "runJob" {
+                return Err(ConfigError::new(
+                    format!("{key}.resolve"),
+                    "true",
+                    "PowerJob's OpenAPI can look up runJob's instances only (queryInstance)",
                 ));
             }
             if route.window.is_some_and(|w| w.0.is_zero()) {
@@ -801,6 +812,9 @@ pub struct RouteSettings {
     pub fields: Option<Vec<String>>,
     pub after_delivery: Option<AfterDelivery>,
     pub on_store_error: Option<OnStoreError>,
+    /// Ask PowerJob what an unknown call created (`queryInstance`, 5.1.1+); only `runJob` has a lookup, and
+    /// it is on by default there.
+    pub resolve: Option<bool>,
 }
 
 /// What happens to `X-POWERJOB-AUTH-PASSED` on the way back.

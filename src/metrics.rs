@@ -130,6 +130,31 @@ pub struct Metrics {
     pub answers_not_taken: Counter,
     /// Successful and refused configuration reloads.
     pub reloads: Family<ReloadLabel, Counter>,
+    /// Unknown outcomes runonce asked PowerJob about, by what it found.
+    pub resolutions: Family<ResolutionLabel, Counter>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ResolutionLabel {
+    pub result: Resolution,
+}
+
+/// What asking PowerJob about an unknown call found (see `guard::resolve`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Resolution {
+    /// One matching instance: the key is done with it.
+    done,
+    /// None: nothing was created, the key is released.
+    released,
+    /// Several: the key stays unknown.
+    ambiguous,
+    /// The server cannot answer the lookup (5.1.0 and older): the key stays unknown.
+    unsupported,
+    /// The server refused the asking request's credentials: that caller gets its answer.
+    refused,
+    /// No usable answer (unreachable, timeout, not a page of instances): the key stays unknown.
+    failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -256,6 +281,12 @@ impl Metrics {
             "Configuration reloads, applied or refused",
             reloads.clone(),
         );
+        let resolutions = Family::<ResolutionLabel, Counter>::default();
+        registry.register(
+            "resolutions",
+            "Unknown runJob outcomes runonce asked PowerJob about (queryInstance): done, released, ambiguous, unsupported, refused, failed",
+            resolutions.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -275,6 +306,7 @@ impl Metrics {
             new_calls_after_delivery,
             answers_not_taken,
             reloads,
+            resolutions,
         }
     }
 
@@ -313,6 +345,12 @@ impl Metrics {
     pub fn outcome(&self, outcome: Outcome, reason: crate::guard::outcome::Reason) {
         self.outcomes
             .get_or_create(&OutcomeLabel { outcome, reason })
+            .inc();
+    }
+
+    pub fn resolution(&self, result: Resolution) {
+        self.resolutions
+            .get_or_create(&ResolutionLabel { result })
             .inc();
     }
 

@@ -23,6 +23,7 @@ pub const RELOADABLE: &[&str] = &[
     "after_delivery",
     "on_store_error",
     "keep_business_errors",
+    "resolve_after",
 ];
 
 /// Where the settings came from, to read them again.
@@ -110,6 +111,7 @@ fn merge(current: &Settings, new: &Settings) -> (Settings, Reloaded) {
         after_delivery: new.after_delivery,
         on_store_error: new.on_store_error,
         keep_business_errors: new.keep_business_errors,
+        resolve_after: new.resolve_after,
         ..current.clone()
     };
     (next, reloaded)

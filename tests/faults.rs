@@ -325,12 +325,11 @@ async fn upstream_killed_mid_call_and_restarted() {
         tally.add(call.await.unwrap());
     }
     assert_eq!(tally.closed, 0);
-    assert_eq!(
-        tally.by_status.get(&502),
-        Some(&10),
-        "the leader's answer broke off, and its nine duplicates share that outcome: {:?}",
-        tally.by_status
-    );
+    // The leader's answer broke off: it and the duplicates that waited for it share that outcome (502); any
+    // that arrived after it ended find the key unknown (409). Never a second call.
+    let shared = tally.by_status.get(&502).copied().unwrap_or(0);
+    let late = tally.by_status.get(&409).copied().unwrap_or(0);
+    assert!(shared >= 1 && shared + late == 10, "{:?}", tally.by_status);
 
     // The same server comes back on the same address.
     let restarted = Process::start(

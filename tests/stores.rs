@@ -40,6 +40,7 @@ fn info(lease_ms: u64, window_ms: u64) -> ClaimInfo {
         credential: CREDENTIAL.into(),
         lease: Duration::from_millis(lease_ms),
         window: Duration::from_millis(window_ms),
+        lookup: r#"{"app":1,"job":5}"#.into(),
     }
 }
 
@@ -601,7 +602,61 @@ macro_rules! conformance {
     };
 }
 
+/// An unknown record keeps the claim's lookup and how long ago it turned unknown; a resolver with the owner's
+/// token settles it as done (its instance, not delivered) or released, once; anyone else changes nothing.
+async fn unknown_records_are_resolved_once_by_their_owner(store: &AnyStore) {
+    let info = info(5_000, 60_000);
+    let found = Key::parse(&"51".repeat(32)).unwrap();
+    let token = lead(store, &found, &info).await;
+    assert!(store
+        .mark_unknown(&found, &token, info.window, None)
+        .await
+        .unwrap());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let unknown = store.get(&found).await.unwrap().unwrap();
+    assert_eq!(unknown.state, State::Unknown);
+    assert_eq!(unknown.lookup, info.lookup);
+    assert!(
+        unknown.settled_ago_ms.is_some_and(|ms| ms >= 40),
+        "{unknown:?}"
+    );
+    assert!(!store
+        .resolve(&found, "someone-else", Some(&answer()))
+        .await
+        .unwrap());
+    assert!(store
+        .resolve(&found, &token, Some(&answer()))
+        .await
+        .unwrap());
+    assert!(!store.resolve(&found, &token, None).await.unwrap(), "once");
+    let done = store.get(&found).await.unwrap().unwrap();
+    assert_eq!(
+        done.state,
+        State::Done {
+            response: answer(),
+            delivered: false
+        }
+    );
+
+    let nothing = Key::parse(&"52".repeat(32)).unwrap();
+    let token = lead(store, &nothing, &info).await;
+    assert!(store
+        .mark_unknown(&nothing, &token, info.window, None)
+        .await
+        .unwrap());
+    assert!(store.resolve(&nothing, &token, None).await.unwrap());
+    assert_eq!(
+        store.get(&nothing).await.unwrap().unwrap().state,
+        State::Released
+    );
+    let next = lead(store, &nothing, &info).await;
+    assert_ne!(next, token, "a released key is claimed anew");
+    // An in-flight record is its live leader's, not a resolver's.
+    assert!(!store.resolve(&nothing, &next, None).await.unwrap());
+}
+
 conformance!(
+    unknown_records_are_resolved_once_by_their_owner,
     claim_then_existing,
     fencing,
     lease_runs_out,

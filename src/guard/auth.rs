@@ -136,7 +136,7 @@ async fn ask(
 }
 
 /// 200, and every `X-POWERJOB-AUTH-PASSED` says `true` (none at all: the server checks no token).
-fn accepted(head: &http::response::Parts) -> bool {
+pub(crate) fn accepted(head: &http::response::Parts) -> bool {
     head.status == http::StatusCode::OK
         && head
             .headers
@@ -150,6 +150,31 @@ fn accepted(head: &http::response::Parts) -> bool {
 fn verification_request(
     parts: &request::Parts,
     stored: &Stored,
+) -> Result<Request<crate::proxy::upstream::ForwardBody>, http::Error> {
+    let mut form = form_urlencoded::Serializer::new(String::new());
+    if let Some(id) = instance_id(&stored.body) {
+        form.append_pair("instanceId", &id);
+    }
+    if let Some(app) = parts.headers.get(APP_ID).and_then(|v| v.to_str().ok()) {
+        form.append_pair("appId", app);
+    }
+    let body = Bytes::from(form.finish());
+    side_request(
+        parts,
+        VERIFY_ENDPOINT,
+        "application/x-www-form-urlencoded",
+        body,
+    )
+}
+
+/// `POST {prefix}/openApi/{endpoint}` on behalf of the request whose head is `parts`: with its app id and
+/// token headers and its `Host`, nothing else of it (a read runonce asks the server: the token check, the
+/// lookup of an unknown call's instance).
+pub(crate) fn side_request(
+    parts: &request::Parts,
+    endpoint: &str,
+    content_type: &'static str,
+    body: Bytes,
 ) -> Result<Request<crate::proxy::upstream::ForwardBody>, http::Error> {
     let path = parts.uri.path();
     // The prefix the client addresses the server with (`host:port/prefix`); it holds no `/openApi/`, so the
@@ -167,19 +192,11 @@ fn verification_request(
     } else {
         ""
     };
-    let uri = format!("{prefix}{}/{VERIFY_ENDPOINT}", powerjob::WEB_PATH);
-    let mut form = form_urlencoded::Serializer::new(String::new());
-    if let Some(id) = instance_id(&stored.body) {
-        form.append_pair("instanceId", &id);
-    }
-    if let Some(app) = parts.headers.get(APP_ID).and_then(|v| v.to_str().ok()) {
-        form.append_pair("appId", app);
-    }
-    let body = Bytes::from(form.finish());
+    let uri = format!("{prefix}{}/{endpoint}", powerjob::WEB_PATH);
     let mut request = Request::builder()
         .method(Method::POST)
         .uri(uri)
-        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, body.len());
     for name in [APP_ID, ACCESS_TOKEN] {
         for value in parts.headers.get_all(name) {

@@ -102,6 +102,7 @@ struct Policy {
     idempotency_key_window: Duration,
     wait_timeout: Duration,
     keep_business_errors: bool,
+    resolve_after: Duration,
 }
 
 impl Policy {
@@ -111,6 +112,7 @@ impl Policy {
             idempotency_key_window: settings.idempotency_key_window.0,
             wait_timeout: settings.wait_timeout.0,
             keep_business_errors: settings.keep_business_errors.0,
+            resolve_after: settings.resolve_after.0,
         }
     }
 }
@@ -358,6 +360,11 @@ impl Guard {
             key::BadPayload::Malformed(reason) => ProxyError::BadBody { reason },
         })?;
         let fingerprint = key::fingerprint(parts.method.as_str(), &route.name, &payload);
+        let lookup = if route.resolve {
+            self.lookup_of(&route, text("content-type"), &parts, &body, &payload)
+        } else {
+            String::new()
+        };
         let (key, window) = match client_key {
             Some(client_key) => (
                 key::idempotency_key(&route.name, &payload.principal, client_key),
@@ -379,6 +386,7 @@ impl Guard {
                 credential: auth::credential(&parts.headers),
                 lease: self.lease,
                 window,
+                lookup,
             },
             client_keyed: client_key.is_some(),
             route,
@@ -388,6 +396,53 @@ impl Guard {
             repair,
             delivery,
         })
+    }
+
+    /// What a resolver would look for on the server, as JSON (empty when the call names no app and job as
+    /// numbers: then the server refuses it before any insert). The send window starts now.
+    fn lookup_of(
+        &self,
+        route: &Route,
+        content_type: Option<&str>,
+        parts: &request::Parts,
+        body: &Bytes,
+        payload: &key::Payload,
+    ) -> String {
+        // The route's `fields` setting may leave out what a lookup needs: read them all again then.
+        let whole;
+        let payload = match route.fields {
+            None => payload,
+            Some(_) => {
+                let app = parts.headers.get(crate::powerjob::APP_ID);
+                let app = app.and_then(|v| v.to_str().ok());
+                match key::payload(
+                    &route.name,
+                    content_type,
+                    parts.uri.query(),
+                    body,
+                    app,
+                    None,
+                ) {
+                    Ok(all) => {
+                        whole = all;
+                        &whole
+                    }
+                    Err(_) => return String::new(),
+                }
+            }
+        };
+        match resolve::Lookup::run_job(&payload.principal, &payload.fields) {
+            Some((app, job, params, delay)) => resolve::Lookup {
+                app,
+                job,
+                params,
+                delay,
+                sent_from: wall_ms(),
+                sent_to: 0,
+            }
+            .to_json(),
+            None => String::new(),
+        }
     }
 
     /// Claims the key and plays the role the record gives: leader, waiter or hit.
@@ -410,6 +465,8 @@ impl Guard {
         // A request that waited for a call in flight is a retry of it: the answer it finds is its own,
         // delivered to someone or not, whichever leader stored it.
         let mut waited = false;
+        // It asked PowerJob about an unknown outcome already (once is enough).
+        let mut asked = false;
         let mut claim = store
             .claim(&call.key, &call.info)
             .await
@@ -474,6 +531,26 @@ impl Guard {
                             cause: "it was not sent; retry".into(),
                         })),
                     };
+                }
+                State::Unknown if !asked && self.due_for_resolving(call, &record) => {
+                    // PowerJob decides: the key turns done (its instance) or released (nothing), and this
+                    // request takes it from there; otherwise it stays unknown.
+                    asked = true;
+                    let lookup = resolve::Lookup::from_json(&record.lookup);
+                    let asked = match &lookup {
+                        Some(lookup) => {
+                            self.resolve(store, &call.key, &record.owner, lookup, &call.parts)
+                                .await
+                        }
+                        None => Asked::Failed("the record's lookup does not parse".into()),
+                    };
+                    match asked {
+                        Asked::Found(_) | Asked::Nothing => {
+                            claim = store.claim(&call.key, &call.info).await?;
+                        }
+                        Asked::Refused(answer) => return Ok(answer),
+                        _ => claim = Claim::Existing(record),
+                    }
                 }
                 State::Unknown => match record.answer {
                     // A duplicate that waited for the call shares its answer, as it came.
@@ -586,6 +663,172 @@ impl Guard {
         }
         let record = fallback.get(key).await.ok().flatten()?;
         (record.state != State::Released).then_some(record)
+    }
+
+    /// Whether a duplicate that found `record` unknown asks PowerJob now: the route has a lookup, the record
+    /// names what to look for, and it turned unknown `resolve_after` ago (the server can no longer create it).
+    fn due_for_resolving(&self, call: &Call, record: &Record) -> bool {
+        let after = self.policy.load().resolve_after.as_millis() as u64;
+        call.route.resolve
+            && !record.lookup.is_empty()
+            && record.settled_ago_ms.is_some_and(|ago| ago >= after)
+    }
+
+    /// Asks PowerJob, `resolve_after` from now, what the unknown call its leader ran in this process created,
+    /// with the leader's credentials (kept in memory, never written to the store).
+    fn resolve_later(self: &Arc<Self>, store: &AnyStore, call: &Call, owner: &str) {
+        let Some(mut lookup) = resolve::Lookup::from_json(&call.info.lookup) else {
+            return;
+        };
+        lookup.sent_to = wall_ms();
+        let after = self.policy.load().resolve_after;
+        let (this, store, key) = (Arc::clone(self), store.clone(), call.key.clone());
+        let (owner, parts, cut_off) = (owner.to_string(), call.parts.clone(), self.cut_off.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(after) => {}
+                () = cut_off.cancelled() => return,
+            }
+            // A duplicate or an operator may have settled it meanwhile: the store's fencing makes this a no-op.
+            this.resolve(&store, &key, &owner, &lookup, &parts).await;
+        });
+    }
+
+    /// Asks PowerJob what the unknown call on `key` (its record created by `owner`) created, on behalf of the
+    /// request whose head is `parts`, and settles the key by the answer: done with the one matching instance,
+    /// released when there is none, unknown otherwise.
+    async fn resolve(
+        &self,
+        store: &AnyStore,
+        key: &Key,
+        owner: &str,
+        lookup: &resolve::Lookup,
+        parts: &request::Parts,
+    ) -> Asked {
+        let asked = self.ask_powerjob(parts, lookup).await;
+        let settle = |answer: Option<Stored>| async move {
+            match store.resolve(key, owner, answer.as_ref()).await {
+                Ok(settled) => settled,
+                Err(err) => {
+                    metrics::get().store_errors.inc();
+                    tracing::warn!(key = key.prefix(), %err, "resolution not recorded; the key stays unknown");
+                    false
+                }
+            }
+        };
+        let result = match &asked {
+            Asked::Found(id) => {
+                let (head, body) = resolve::resolved_answer(*id);
+                let settled = settle(Some(Stored {
+                    status: 200,
+                    head,
+                    body,
+                }))
+                .await;
+                tracing::info!(
+                    key = key.prefix(),
+                    instance = id,
+                    settled,
+                    "PowerJob has the unknown call's instance: done"
+                );
+                metrics::Resolution::done
+            }
+            Asked::Nothing => {
+                let settled = settle(None).await;
+                tracing::info!(
+                    key = key.prefix(),
+                    settled,
+                    "PowerJob has no instance of the unknown call: released"
+                );
+                metrics::Resolution::released
+            }
+            Asked::Ambiguous(n) => {
+                tracing::warn!(
+                    key = key.prefix(),
+                    matching = n,
+                    "several instances match the unknown call: it stays unknown"
+                );
+                metrics::Resolution::ambiguous
+            }
+            Asked::Unsupported(why) => {
+                tracing::info!(key = key.prefix(), %why, "the server cannot look up instances (queryInstance needs 5.1.1): the key stays unknown");
+                metrics::Resolution::unsupported
+            }
+            Asked::Refused(_) => {
+                tracing::info!(
+                    key = key.prefix(),
+                    "the server refused the asking request's token: nothing resolved"
+                );
+                metrics::Resolution::refused
+            }
+            Asked::Failed(why) => {
+                tracing::warn!(key = key.prefix(), %why, "asking PowerJob failed: the key stays unknown");
+                metrics::Resolution::failed
+            }
+        };
+        metrics::get().resolution(result);
+        asked
+    }
+
+    /// Pages through `queryInstance` for the instances that match `lookup`.
+    async fn ask_powerjob(&self, parts: &request::Parts, lookup: &resolve::Lookup) -> Asked {
+        let now = wall_ms();
+        let mut found = Vec::new();
+        for index in 0..resolve::MAX_PAGES {
+            let body = Bytes::from(lookup.query(now, index).to_string());
+            let request = match auth::side_request(parts, "queryInstance", "application/json", body)
+            {
+                Ok(request) => request,
+                Err(err) => return Asked::Failed(format!("cannot build the query: {err}")),
+            };
+            let bound = self.upstreams.response_timeout().min(auth::VERIFY_TIMEOUT);
+            let answer = tokio::time::timeout(bound, async {
+                // No repair: the verdict on the token is the server's header as it came.
+                let (response, _) = self.upstreams.send(request, Arm::default()).await?;
+                let (head, incoming) = response.into_parts();
+                let body = Limited::new(incoming, MAX_ANSWER)
+                    .collect()
+                    .await
+                    .map_err(|err| ProxyError::Broken {
+                        upstream: "queryInstance".into(),
+                        cause: err.to_string(),
+                    })?
+                    .to_bytes();
+                Ok::<_, ProxyError>((head, body))
+            })
+            .await;
+            let (mut head, body) = match answer {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(err)) => return Asked::Failed(err.to_string()),
+                Err(_) => return Asked::Failed(format!("no answer within {bound:?}")),
+            };
+            if head.status == http::StatusCode::OK && !auth::accepted(&head) {
+                headers::remove_hop_by_hop(&mut head.headers);
+                return Asked::Refused(Response::from_parts(head, Answer::new(body)));
+            }
+            if head.status != http::StatusCode::OK {
+                return Asked::Failed(format!("HTTP {}", head.status.as_u16()));
+            }
+            match resolve::read_page(lookup, &body, index, now) {
+                resolve::Page::Found { ids, more } => {
+                    found.extend(ids);
+                    if found.len() > 1 {
+                        return Asked::Ambiguous(found.len());
+                    }
+                    if !more {
+                        return found.first().map_or(Asked::Nothing, |id| Asked::Found(*id));
+                    }
+                }
+                resolve::Page::Unsupported(why) => return Asked::Unsupported(why),
+                resolve::Page::Malformed => {
+                    return Asked::Failed("the answer is not a page of instances".into())
+                }
+            }
+        }
+        Asked::Failed(format!(
+            "more than {} pages of instances in the call's window",
+            resolve::MAX_PAGES
+        ))
     }
 
     /// `Some(the server's refusal)` when this duplicate's token is not the leader's and the server does not
@@ -785,6 +1028,9 @@ impl Guard {
         };
         let landed = matches!(change, Ok(true));
         self.flights.finished(key, flight, landed, linger);
+        if landed && counted == metrics::Outcome::unknown && call.route.resolve {
+            self.resolve_later(store, call, token);
+        }
         note_change(key, change);
         ((counted, reason), led.map(|(led, _)| led))
     }
@@ -1064,6 +1310,22 @@ fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &Pr
     );
 }
 
+/// What asking PowerJob about an unknown call gave (see [`resolve`]).
+enum Asked {
+    /// One matching instance: the call created it.
+    Found(i64),
+    /// None: nothing was created.
+    Nothing,
+    /// Several: cannot tell which is the call's.
+    Ambiguous(usize),
+    /// The server cannot answer the lookup (a 5.1.0 server cannot bind queryInstance's body).
+    Unsupported(String),
+    /// The server refused the asking request's credentials: its answer, for that caller.
+    Refused(Response<Answer>),
+    /// No usable answer.
+    Failed(String),
+}
+
 /// What a waiter found.
 // Lives for one turn of a waiter's loop (as `Claim` does).
 #[allow(clippy::large_enum_variant)]
@@ -1220,4 +1482,11 @@ impl Verdict {
             }
         }
     }
+}
+
+/// Wall clock milliseconds since the Unix epoch (PowerJob's instance ids and trigger times are in these).
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

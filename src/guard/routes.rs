@@ -23,6 +23,9 @@ pub const CREATING: &[&str] = &[
     "copyWorkflow",
 ];
 
+/// The one endpoint whose instances PowerJob's OpenAPI can look up (`queryInstance`).
+pub const RESOLVABLE: &str = "runJob";
+
 /// Endpoints that create a record only when the body names none (`id` absent).
 pub const SAVING: &[&str] = &["saveJob", "saveWorkflow", "addWorkflowNode"];
 
@@ -38,6 +41,9 @@ pub struct Route {
     pub on_store_error: OnStoreError,
     /// Guarded only when the body names no existing record.
     pub only_creating: bool,
+    /// An unknown outcome is resolved by asking PowerJob (`guard::resolve`): `runJob` only, the one route
+    /// the OpenAPI can look up.
+    pub resolve: bool,
 }
 
 /// Every guarded endpoint by name.
@@ -64,6 +70,7 @@ impl Routes {
                 after_delivery: custom.after_delivery.unwrap_or(settings.after_delivery),
                 on_store_error: custom.on_store_error.unwrap_or(settings.on_store_error),
                 only_creating: SAVING.contains(&name.as_str()),
+                resolve: name == RESOLVABLE && custom.resolve.unwrap_or(true),
                 name: Arc::from(name.as_str()),
             };
             by_name.insert(name, Arc::new(route));

@@ -58,6 +58,8 @@ struct Entry {
     answer: Option<Stored>,
     /// A duplicate was told to retry while the call ran (see `Record::owed`).
     owed: bool,
+    /// What a resolver looks for (see `Record::lookup`).
+    lookup: String,
     created: Instant,
     /// When the record left `InFlight`.
     settled_at: Option<Instant>,
@@ -135,6 +137,7 @@ impl MemoryStore {
                 window: info.window,
                 answer: None,
                 owed: false,
+                lookup: info.lookup.clone(),
                 created: now,
                 settled_at: None,
                 waited_on: false,
@@ -279,6 +282,40 @@ impl Store for MemoryStore {
         };
         entry.answer = answer.map(own_copy);
         inner.settle(key, Phase::Unknown, now + window, now);
+        Ok(true)
+    }
+
+    async fn resolve(
+        &self,
+        key: &Key,
+        owner: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(entry) = inner.entries.get_mut(key) else {
+            return Ok(false);
+        };
+        let unknown = entry.owner == owner
+            && (matches!(entry.phase, Phase::Unknown) || entry.lease_ran_out(now));
+        if !unknown {
+            return Ok(false);
+        }
+        let expires_at = entry.expires_at;
+        match answer {
+            // Done for the rest of the window the unknown record had.
+            Some(answer) => {
+                let phase = Phase::Done {
+                    response: own_copy(answer),
+                    delivered: false,
+                };
+                inner.settle(key, phase, expires_at, now);
+            }
+            None => {
+                entry.answer = None;
+                inner.settle(key, Phase::Released, now + super::RELEASED_KEEP, now);
+            }
+        }
         Ok(true)
     }
 
@@ -496,6 +533,17 @@ impl Entry {
             credential: self.credential.clone(),
             answer: self.answer.clone(),
             owed: self.owed,
+            lookup: self.lookup.clone(),
+            settled_ago_ms: self
+                .settled_at
+                .map(|at| now.saturating_duration_since(at).as_millis() as u64)
+                // A leader whose lease ran out: unknown since then.
+                .or_else(|| match self.phase {
+                    Phase::InFlight { lease_until } if lease_until < now => {
+                        Some(now.saturating_duration_since(lease_until).as_millis() as u64)
+                    }
+                    _ => None,
+                }),
         }
     }
 }
@@ -516,6 +564,7 @@ mod tests {
             credential: String::new(),
             lease: Duration::from_secs(5),
             window: Duration::from_millis(window_ms),
+            lookup: String::new(),
         }
     }
 

@@ -161,6 +161,11 @@ pub struct Record {
     /// A duplicate was told to retry (409, still in flight): it is owed the answer, so an identical call
     /// within the window is replayed even after a client received the answer.
     pub owed: bool,
+    /// What a resolver looks for on the server (`guard::resolve::Lookup` as JSON), from the claim; empty for
+    /// a route PowerJob cannot be asked about.
+    pub lookup: String,
+    /// Milliseconds since the record left `InFlight` (an `Unknown` one: since the call turned unknown).
+    pub settled_ago_ms: Option<u64>,
 }
 
 /// What a claim needs besides the key.
@@ -176,6 +181,8 @@ pub struct ClaimInfo {
     pub lease: Duration,
     /// How long the record lives (the route's window); kept for this long from the claim, and again from completion.
     pub window: Duration,
+    /// What a resolver would look for on the server should the outcome turn unknown (see [`Record::lookup`]).
+    pub lookup: String,
 }
 
 /// The answer to a claim.
@@ -254,6 +261,16 @@ pub trait Store: Send + Sync {
         key: &Key,
         token: &str,
         window: Duration,
+        answer: Option<&Stored>,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The server said what the `Unknown` record created by `owner` created: `Some(answer)`, the instance
+    /// (done, kept for the rest of its window, not delivered), or `None`, nothing (released). `false` when
+    /// the record is no longer that unknown one.
+    fn resolve(
+        &self,
+        key: &Key,
+        owner: &str,
         answer: Option<&Stored>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
@@ -363,6 +380,15 @@ impl Store for AnyStore {
         answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
         each!(self, s => s.mark_unknown(key, token, window, answer).await)
+    }
+
+    async fn resolve(
+        &self,
+        key: &Key,
+        owner: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        each!(self, s => s.resolve(key, owner, answer).await)
     }
 
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {

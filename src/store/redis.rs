@@ -461,6 +461,7 @@ impl Store for RedisStore {
                     lease.as_bytes(),
                     window.as_bytes(),
                     info.credential.as_bytes(),
+                    info.lookup.as_bytes(),
                 ],
             )
             .await;
@@ -496,6 +497,7 @@ impl Store for RedisStore {
                     lease.as_bytes(),
                     window.as_bytes(),
                     info.credential.as_bytes(),
+                    info.lookup.as_bytes(),
                 ],
             )
             .await?;
@@ -583,6 +585,30 @@ impl Store for RedisStore {
                 status.as_bytes(),
                 head,
                 body,
+            ],
+        )
+        .await
+    }
+
+    async fn resolve(
+        &self,
+        key: &Key,
+        owner: &str,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        let keep = millis(super::RELEASED_KEEP);
+        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
+        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
+        self.change(
+            "resolve",
+            &scripts().resolve,
+            key,
+            &[
+                owner.as_bytes(),
+                status.as_bytes(),
+                head,
+                body,
+                keep.as_bytes(),
             ],
         )
         .await
@@ -867,6 +893,7 @@ struct Scripts {
     mark_unknown: Script,
     mark_delivered: Script,
     mark_owed: Script,
+    resolve: Script,
     note_auth: Script,
     auth_since: Script,
     get: Script,
@@ -890,6 +917,7 @@ fn scripts() -> &'static Scripts {
         mark_unknown: script!("lua/mark_unknown.lua"),
         mark_delivered: script!("lua/mark_delivered.lua"),
         mark_owed: script!("lua/mark_owed.lua"),
+        resolve: script!("lua/resolve.lua"),
         note_auth: script!("lua/note_auth.lua"),
         auth_since: script!("lua/auth_since.lua"),
         get: script!("lua/get.lua"),
@@ -980,10 +1008,10 @@ fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, 
     }
 }
 
-/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed}` as a
-/// [`Record`].
+/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed, lookup,
+/// settled_ago_ms}` as a [`Record`].
 fn record(items: &[Value]) -> Option<Record> {
-    if items.len() != 12 {
+    if items.len() != 14 {
         return None;
     }
     // The answer in status/head/body: a done record's, or the one that came with a release or an unknown.
@@ -1021,6 +1049,11 @@ fn record(items: &[Value]) -> Option<Record> {
         credential: text(items.get(10))?.to_string(),
         answer,
         owed: text(items.get(11))? == "1",
+        lookup: text(items.get(12))?.to_string(),
+        settled_ago_ms: match text(items.get(13))? {
+            "" => None,
+            ms => Some(ms.parse().ok()?),
+        },
     })
 }
 
@@ -1242,6 +1275,8 @@ mod tests {
                 b"1",
                 b"c0ffee",
                 b"1",
+                b"",
+                b"",
             ],
             42,
         );
@@ -1267,7 +1302,7 @@ mod tests {
         let mut bad = done.clone();
         bad[6] = Value::BulkString(b"99999".to_vec());
         assert!(record(&bad).is_none());
-        assert!(record(&done[..11]).is_none());
+        assert!(record(&done[..13]).is_none());
         // A release without an answer, and one with the leader's answer for its waiters.
         let mut released = done.clone();
         released[1] = Value::BulkString(b"released".to_vec());
@@ -1299,6 +1334,8 @@ mod tests {
                 b"0",
                 b"",
                 b"0",
+                b"",
+                b"",
             ],
             1,
         );

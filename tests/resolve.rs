@@ -1,0 +1,195 @@
+//! When runonce cannot know, PowerJob decides (issue "PowerJob decides"): an unknown `runJob` is resolved by
+//! asking the server's `queryInstance` (5.1.1+). Real `runonce` and `mock-powerjob` processes; the mock creates
+//! the instance and then answers badly (or not at all), as a real server behind a slow forward or a hop does.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const RUN_JOB: &str = "/openApi/runJob";
+const FORM: &str = "jobId=5&delay=0&appId=1&instanceParams=%7B%22k%22%3A%22v%22%7D";
+/// resolve_after in these tests.
+const AFTER: Duration = Duration::from_millis(1500);
+
+async fn run_job(proxy: SocketAddr) -> RawResponse {
+    raw(proxy, &form_post(RUN_JOB, FORM, ""))
+        .await
+        .expect("runJob answer")
+}
+
+fn mock_with(mode: &str, fault: &str) -> Process {
+    Process::start(
+        &[
+            "mock-powerjob",
+            "--listen",
+            "127.0.0.1:0",
+            "--mode",
+            mode,
+            "--fault",
+            fault,
+            "--fault-count",
+            "1",
+        ],
+        &[],
+    )
+}
+
+fn resolving_proxy(mock: &Process) -> Process {
+    proxy(
+        &[url(mock.addr("mock"))],
+        &[
+            "--upstream-timeout",
+            "1s",
+            "--wait-timeout",
+            "1s",
+            "--resolve-after",
+            "1500ms",
+        ],
+    )
+}
+
+/// Every instance of job 5 the mock holds, asked the way a client would.
+async fn instances_of_job_5(mock: SocketAddr) -> Vec<i64> {
+    let body = r#"{"appIdEq":1,"jobIdEq":5,"pageSize":100}"#;
+    let request = format!(
+        "POST /openApi/queryInstance HTTP/1.1\r\nHost: m\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = raw(mock, request.as_bytes()).await.unwrap();
+    answer.json().unwrap()["data"]["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["instanceId"].as_i64().unwrap())
+        .collect()
+}
+
+async fn run_jobs_sent(mock: SocketAddr) -> u64 {
+    mock_stats(mock).await["requests_by_path"]["/openApi/runJob"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// The first call creates the instance and gets `first_status`; a duplicate after `resolve_after` gets 200
+/// with that instance's id, never a second instance.
+async fn created_then_resolved(fault: &str, first_status: u16) {
+    let mock = mock_with("v5.1.1-auth-off", fault);
+    let proxy = resolving_proxy(&mock);
+    let addr = proxy.addr("proxy");
+    let first = run_job(addr).await;
+    assert_eq!(first.status, first_status, "{fault}: {}", first.text());
+    let early = run_job(addr).await;
+    assert_eq!(early.status, 409, "{fault}: unknown until resolve_after");
+    tokio::time::sleep(AFTER).await;
+    let duplicate = run_job(addr).await;
+    assert_eq!(duplicate.status, 200, "{fault}: {}", duplicate.text());
+    let created = instances_of_job_5(mock.addr("mock")).await;
+    assert_eq!(created.len(), 1, "{fault}: one instance");
+    assert_eq!(duplicate.json().unwrap()["data"].as_i64(), Some(created[0]));
+    assert_eq!(duplicate.exact("X-POWERJOB-AUTH-PASSED"), Some("true"));
+    assert_eq!(
+        run_jobs_sent(mock.addr("mock")).await,
+        1,
+        "{fault}: sent once"
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_after_the_instance_was_created_resolves_to_its_id() {
+    created_then_resolved("stall-after-create", 504).await;
+}
+
+#[tokio::test]
+async fn a_forward_timeout_answer_after_create_resolves_to_its_id() {
+    created_then_resolved("timeout-after-create", 200).await;
+}
+
+#[tokio::test]
+async fn a_hops_504_after_create_resolves_to_its_id() {
+    created_then_resolved("504-after-create", 504).await;
+}
+
+#[tokio::test]
+async fn sent_but_never_created_is_released_and_runs_once_more() {
+    let mock = mock_with("v5.1.1-auth-off", "close-without-create");
+    let proxy = resolving_proxy(&mock);
+    let addr = proxy.addr("proxy");
+    let first = run_job(addr).await;
+    assert_eq!(first.status, 502, "{}", first.text());
+    tokio::time::sleep(AFTER).await;
+    let retry = run_job(addr).await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(instances_of_job_5(mock.addr("mock")).await.len(), 1);
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 2);
+}
+
+#[tokio::test]
+async fn two_matching_instances_stay_unknown_and_are_never_sent_again() {
+    let mock = mock_with("v5.1.1-auth-off", "stall-after-create");
+    let proxy = resolving_proxy(&mock);
+    let addr = proxy.addr("proxy");
+    assert_eq!(run_job(addr).await.status, 504);
+    // The same job with the same parameters, run by someone else meanwhile.
+    let outside = "jobId=5&appId=1&delay=0&instanceParams=%7B%22k%22%3A%22v%22%7D";
+    let created = raw(
+        mock.addr("mock"),
+        &form_post("/mock/create-instance", outside, ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(created.status, 200, "{}", created.text());
+    tokio::time::sleep(AFTER).await;
+    for _ in 0..2 {
+        let duplicate = run_job(addr).await;
+        assert_eq!(duplicate.status, 409, "{}", duplicate.text());
+        assert_eq!(duplicate.json().unwrap()["code"], "RUNONCE_OUTCOME_UNKNOWN");
+    }
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+}
+
+#[tokio::test]
+async fn a_510_server_cannot_be_asked_and_the_key_stays_unknown() {
+    let mock = mock_with("v5.1.0-auth-off", "stall-after-create");
+    let proxy = resolving_proxy(&mock);
+    let addr = proxy.addr("proxy");
+    assert_eq!(run_job(addr).await.status, 504);
+    tokio::time::sleep(AFTER).await;
+    let duplicate = run_job(addr).await;
+    assert_eq!(duplicate.status, 409, "{}", duplicate.text());
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+}
+
+/// The leader asks by itself, `resolve_after` after its call turned unknown: no duplicate needed.
+#[tokio::test]
+async fn the_leader_resolves_its_own_unknown_call() {
+    let mock = mock_with("v5.1.1-auth-off", "stall-after-create");
+    let proxy = resolving_proxy(&mock);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    assert_eq!(run_job(addr).await.status, 504);
+    let listed = |answer: RawResponse| -> u64 {
+        let json: Value = answer.json().unwrap();
+        json["count"].as_u64().unwrap()
+    };
+    assert_eq!(
+        listed(admin_call(admin, "GET", "/keys?state=unknown", "").await),
+        1
+    );
+    tokio::time::sleep(AFTER + Duration::from_millis(700)).await;
+    assert_eq!(
+        listed(admin_call(admin, "GET", "/keys?state=unknown", "").await),
+        0
+    );
+    assert_eq!(
+        listed(admin_call(admin, "GET", "/keys?state=done", "").await),
+        1
+    );
+    let scrape = admin_call(admin, "GET", "/metrics", "").await.text();
+    assert!(
+        scrape.contains("runonce_resolutions_total{result=\"done\"} 1"),
+        "{scrape}"
+    );
+}

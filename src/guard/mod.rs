@@ -330,10 +330,12 @@ impl Guard {
             },
             key::BadPayload::Malformed(reason) => ProxyError::BadBody { reason },
         })?;
-        let fingerprint = key::fingerprint(parts.method.as_str(), &route.name, &payload);
+        // The path router's prefix scopes the key: `/clusterA/openApi/runJob` is not `/clusterB/…`.
+        let prefix = crate::powerjob::served_prefix(parts.uri.path()).unwrap_or_default();
+        let fingerprint = key::fingerprint(parts.method.as_str(), &prefix, &route.name, &payload);
         let (key, window) = match client_key {
             Some(client_key) => (
-                key::idempotency_key(&route.name, &payload.principal, client_key),
+                key::idempotency_key(&prefix, &route.name, &payload.principal, client_key),
                 policy.idempotency_key_window,
             ),
             None => (fingerprint.clone(), route.window),

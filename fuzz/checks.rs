@@ -44,7 +44,7 @@ pub fn canonicalize(data: &[u8]) {
         names.windows(2).all(|w| w[0] < w[1]),
         "sorted, unique: {names:?}"
     );
-    let fingerprint = key::fingerprint("POST", route, &payload);
+    let fingerprint = key::fingerprint("POST", "", route, &payload);
     assert_eq!(fingerprint.as_str().len(), 64);
     assert!(fingerprint.as_str().bytes().all(|b| b.is_ascii_hexdigit()));
     let digests: serde_json::Map<String, serde_json::Value> =
@@ -63,7 +63,7 @@ pub fn canonicalize(data: &[u8]) {
             encoder.append_pair("appId", &payload.principal);
         }
         let again = read(encoder.finish().as_bytes()).expect("a re-encoded form reads");
-        assert_eq!(key::fingerprint("POST", route, &again), fingerprint);
+        assert_eq!(key::fingerprint("POST", "", route, &again), fingerprint);
     }
 }
 

@@ -359,7 +359,9 @@ impl Guard {
             },
             key::BadPayload::Malformed(reason) => ProxyError::BadBody { reason },
         })?;
-        let fingerprint = key::fingerprint(parts.method.as_str(), &route.name, &payload);
+        // The path router's prefix scopes the key: `/clusterA/openApi/runJob` is not `/clusterB/…`.
+        let prefix = crate::powerjob::served_prefix(parts.uri.path()).unwrap_or_default();
+        let fingerprint = key::fingerprint(parts.method.as_str(), &prefix, &route.name, &payload);
         let lookup = if route.resolve {
             self.lookup_of(&route, text("content-type"), &parts, &body, &payload)
         } else {
@@ -367,7 +369,7 @@ impl Guard {
         };
         let (key, window) = match client_key {
             Some(client_key) => (
-                key::idempotency_key(&route.name, &payload.principal, client_key),
+                key::idempotency_key(&prefix, &route.name, &payload.principal, client_key),
                 policy.idempotency_key_window,
             ),
             None => (fingerprint.clone(), route.window),

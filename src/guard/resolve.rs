@@ -56,7 +56,9 @@ impl Lookup {
                 .find(|(n, _)| n == name)
                 .map(|(_, v)| v.as_str())
         };
-        let app = principal.trim().parse().ok()?;
+        // The instance is the job's app's: the form's `appId`, which the controller checks the job against;
+        // the principal (the header's app) when the form names none.
+        let app = field("appId").unwrap_or(principal).trim().parse().ok()?;
         let job = field("jobId")?.trim().parse().ok()?;
         let params = field("instanceParams").unwrap_or("").to_string();
         let delay = match field("delay").map(str::trim) {

@@ -59,6 +59,56 @@ pub fn served_endpoint(path: &str) -> Option<Cow<'_, str>> {
     (segments.last().map(String::as_str) == Some("openApi")).then_some(Cow::Owned(endpoint))
 }
 
+/// The part of `path` before `/openApi/{endpoint}` (see [`served_endpoint`]), normalized for keys: `None` when
+/// the path reaches no OpenAPI endpoint, `""` when nothing comes before `/openApi`.
+///
+/// A path router may send `/clusterA/openApi/…` and `/clusterB/openApi/…` to two PowerJob clusters, so the
+/// prefix is part of a key. Spellings that path routers read as one path read as one prefix here, as nginx
+/// normalizes a URI before matching a `location`: `%XX` decoded (`%2F` is a `/`), empty segments (`//`) and `.`
+/// skipped, `..` going up one, with the same segments as [`served_segments`]. What a router may route
+/// apart stays apart: a segment's `;params` (nginx does not cut them), a backslash (nginx on Unix reads it as a
+/// plain character), letter case, and bytes that are not UTF-8 (decoded losslessly, never replaced). The
+/// result is injective: each segment is rendered with its separator and every byte outside a safe set as
+/// `%XX`, so no two different segment lists give one string.
+pub fn served_prefix(path: &str) -> Option<String> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    // (separator before it, segment bytes), with the skips and pops of `served_segments`.
+    let mut segments: Vec<(u8, &[u8])> = Vec::new();
+    let mut separator = b'/';
+    for piece in decoded.split_inclusive(|&b| b == b'/' || b == b'\\') {
+        let (segment, next) = match piece.split_last() {
+            Some((&last, rest)) if last == b'/' || last == b'\\' => (rest, last),
+            _ => (piece, separator),
+        };
+        let name = segment.split(|&b| b == b';').next().unwrap_or_default();
+        match name {
+            b"" | b"." => {}
+            b".." => {
+                segments.pop();
+            }
+            _ => segments.push((separator, segment)),
+        }
+        separator = next;
+    }
+    let served = segments.len().checked_sub(2)?;
+    let open_api = segments[served].1.split(|&b| b == b';').next();
+    if open_api != Some(b"openApi".as_slice()) {
+        return None;
+    }
+    let mut prefix = String::new();
+    for (separator, segment) in &segments[..served] {
+        prefix.push(char::from(*separator));
+        for &byte in *segment {
+            if byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&byte) {
+                prefix.push(char::from(byte));
+            } else {
+                prefix.push_str(&format!("%{byte:02X}"));
+            }
+        }
+    }
+    Some(prefix)
+}
+
 /// Whether a request header value counts as present: the server treats `null` and `undefined` as absent.
 pub fn header_present(value: &str) -> bool {
     !matches!(value, "" | "null" | "undefined")
@@ -119,6 +169,44 @@ mod tests {
             "/",
         ] {
             assert_eq!(endpoint(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn the_prefix_is_read_wherever_the_endpoint_is() {
+        let prefix = |path| served_prefix(path);
+        for (path, expected) in [
+            ("/openApi/runJob", ""),
+            ("/pj/openApi/runJob", "/pj"),
+            ("//pj//openApi//runJob//", "/pj"),
+            ("/x/../pj/./openApi/runJob;jsessionid=1", "/pj"),
+            ("/%70j/%6FpenApi/run%4Aob", "/pj"),
+            ("/a%2Fb/openApi/runJob", "/a/b"),
+            ("/a%5Cb/openApi/runJob", "/a\\b"),
+            ("/a;v=2/openApi;x=1/runJob", "/a;v=2"),
+            ("/caf%C3%A9/openApi/runJob", "/caf%C3%A9"),
+            ("/%FF/openApi/runJob", "/%FF"),
+            ("/50%25/openApi/runJob", "/50%25"),
+            ("/a b/openApi/runJob", "/a%20b"),
+        ] {
+            assert_eq!(prefix(path).as_deref(), Some(expected), "{path}");
+        }
+        // Every path with an endpoint has a prefix, and no other path has one.
+        for path in [
+            "/openApi/runJob/",
+            "/openApi;a=b/runJob",
+            "//openApi//runJob//",
+            "/openApi\\runJob",
+            "/openApi/",
+            "/openApiX/runJob",
+            "/openApi/runJob/..",
+            "/",
+        ] {
+            assert_eq!(
+                prefix(path).is_some(),
+                served_endpoint(path).is_some(),
+                "{path}"
+            );
         }
     }
 

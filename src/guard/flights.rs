@@ -12,13 +12,13 @@
 //! so that duplicates already waiting still find the answer here.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::Notify;
 
 use crate::proxy::error::ProxyError;
-use crate::store::{Key, Stored};
+use crate::store::{ClaimInfo, Key, Stored};
 
 /// What a leader's call ended with, as its duplicates receive it.
 #[derive(Clone, Debug)]
@@ -29,22 +29,21 @@ pub enum Shared {
     Error(ProxyError),
 }
 
-/// One leader's call in this process.
+/// One leader's call in this process. One allocation: the claim's details are shared with the call.
 pub struct Flight {
     /// The store's owner token of the leader.
     pub token: String,
-    /// The leader's payload fingerprint and field digests (an `Idempotency-Key` reused with another payload
-    /// is refused, as the store would).
-    pub fingerprint: String,
-    pub fields: String,
-    /// The digest of the leader's access token: a joiner with another token is replayed only after the
-    /// server accepted its token.
-    pub credential: String,
-    outcome: watch::Sender<Option<Shared>>,
+    /// The leader's claim: its payload fingerprint and field digests (an `Idempotency-Key` reused with
+    /// another payload is refused, as the store would), and its access token's digest (a joiner with another
+    /// token is replayed only after the server accepted its token).
+    pub info: Arc<ClaimInfo>,
+    outcome: OnceLock<Shared>,
     /// The answer is a definite one, to be stored once its delivery is confirmed.
     done: std::sync::atomic::AtomicBool,
-    /// Whether the store took the outcome (`Some(true)`), or could not (`Some(false)`); `None` until then.
-    landed: watch::Sender<Option<bool>>,
+    /// Whether the store took the outcome.
+    landed: OnceLock<bool>,
+    /// Woken when `outcome` or `landed` is set.
+    changed: Notify,
 }
 
 impl Flight {
@@ -52,32 +51,37 @@ impl Flight {
     /// once its delivery is confirmed).
     pub fn settle(&self, shared: Shared, done: bool) {
         self.done.store(done, std::sync::atomic::Ordering::Release);
-        self.outcome.send_replace(Some(shared));
+        let _ = self.outcome.set(shared);
+        self.changed.notify_waiters();
     }
 
     /// Whether the leader's definite answer is out, its delivery still being confirmed (or just stored).
     pub fn answered(&self) -> bool {
-        self.outcome.borrow().is_some() && self.done.load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Whether the store took the outcome, once it is known; `false` also when `deadline` passed first.
-    pub async fn landed(&self, deadline: tokio::time::Instant) -> bool {
-        let mut rx = self.landed.subscribe();
-        let known = tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await;
-        matches!(known, Ok(Ok(landed)) if *landed == Some(true))
+        self.outcome.get().is_some() && self.done.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The leader's outcome, once it is known.
     pub async fn outcome(&self) -> Shared {
-        let mut rx = self.outcome.subscribe();
+        self.until(|flight| flight.outcome.get().cloned()).await
+    }
+
+    /// Whether the store took the outcome, once it is known; `false` also when `deadline` passed first.
+    pub async fn landed(&self, deadline: tokio::time::Instant) -> bool {
+        let known = tokio::time::timeout_at(deadline, self.until(|f| f.landed.get().copied()));
+        matches!(known.await, Ok(true))
+    }
+
+    /// Waits until `read` finds something.
+    async fn until<T>(&self, read: impl Fn(&Flight) -> Option<T>) -> T {
         loop {
-            if let Some(shared) = rx.borrow_and_update().clone() {
-                return shared;
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the look: a change after it wakes us.
+            notified.as_mut().enable();
+            if let Some(found) = read(self) {
+                return found;
             }
-            // The sender lives in `self`: `changed` can only fail once we are gone.
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
+            notified.await;
         }
     }
 }
@@ -95,22 +99,14 @@ impl Flights {
     }
 
     /// Registers the leader that holds `token` on `key` (replacing a lingering entry of an earlier leader).
-    pub fn lead(
-        &self,
-        key: &Key,
-        token: &str,
-        fingerprint: &str,
-        fields: &str,
-        credential: &str,
-    ) -> Arc<Flight> {
+    pub fn lead(&self, key: &Key, token: &str, info: &Arc<ClaimInfo>) -> Arc<Flight> {
         let flight = Arc::new(Flight {
             token: token.to_string(),
-            fingerprint: fingerprint.to_string(),
-            fields: fields.to_string(),
-            credential: credential.to_string(),
-            outcome: watch::channel(None).0,
+            info: Arc::clone(info),
+            outcome: OnceLock::new(),
             done: std::sync::atomic::AtomicBool::new(false),
-            landed: watch::channel(None).0,
+            landed: OnceLock::new(),
+            changed: Notify::new(),
         });
         self.lock().insert(key.clone(), Arc::clone(&flight));
         flight
@@ -130,7 +126,8 @@ impl Flights {
         landed: bool,
         linger: Duration,
     ) {
-        flight.landed.send_replace(Some(landed));
+        let _ = flight.landed.set(landed);
+        flight.changed.notify_waiters();
         if landed {
             self.forget(key, flight);
             return;
@@ -173,6 +170,16 @@ mod tests {
         Key::from_digest(&[n; 32])
     }
 
+    fn info() -> Arc<ClaimInfo> {
+        Arc::new(ClaimInfo {
+            fingerprint: "fp".into(),
+            fields: "{}".into(),
+            credential: String::new(),
+            lease: Duration::from_secs(10),
+            window: Duration::from_secs(60),
+        })
+    }
+
     fn answer() -> Stored {
         Stored {
             status: 200,
@@ -184,7 +191,7 @@ mod tests {
     #[tokio::test]
     async fn joiners_get_the_outcome_published_before_or_after_they_join() {
         let flights = Arc::new(Flights::default());
-        let flight = flights.lead(&key(1), "t", "fp", "{}", "");
+        let flight = flights.lead(&key(1), "t", &info());
         let joined = flights.find(&key(1)).unwrap();
         let early = tokio::spawn(async move { joined.outcome().await });
         tokio::task::yield_now().await;
@@ -197,14 +204,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outcome_the_store_did_not_take_lingers_for_the_wait_timeout() {
         let flights = Arc::new(Flights::default());
-        let landed = flights.lead(&key(1), "a", "fp", "{}", "");
+        let landed = flights.lead(&key(1), "a", &info());
         flights.finished(&key(1), &landed, true, Duration::from_secs(30));
         assert!(
             flights.find(&key(1)).is_none(),
             "in the store: gone at once"
         );
 
-        let lost = flights.lead(&key(2), "b", "fp", "{}", "");
+        let lost = flights.lead(&key(2), "b", &info());
         lost.settle(Shared::Answer(answer()), true);
         flights.finished(&key(2), &lost, false, Duration::from_secs(30));
         tokio::time::sleep(Duration::from_secs(29)).await;
@@ -216,9 +223,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lingering_entry_never_removes_a_newer_leader() {
         let flights = Arc::new(Flights::default());
-        let old = flights.lead(&key(1), "a", "fp", "{}", "");
+        let old = flights.lead(&key(1), "a", &info());
         flights.finished(&key(1), &old, false, Duration::from_secs(1));
-        let new = flights.lead(&key(1), "b", "fp", "{}", "");
+        let new = flights.lead(&key(1), "b", &info());
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(flights.find(&key(1)).unwrap().token, new.token);
     }

@@ -134,7 +134,8 @@ struct Seen {
 struct Call {
     route: Arc<Route>,
     key: Key,
-    info: ClaimInfo,
+    /// Shared with this process's registry of leaders when the call leads.
+    info: Arc<ClaimInfo>,
     /// Keyed by the client's `Idempotency-Key` (then a stored answer is always replayed).
     client_keyed: bool,
     client: SocketAddr,
@@ -362,11 +363,6 @@ impl Guard {
         // The path router's prefix scopes the key: `/clusterA/openApi/runJob` is not `/clusterB/…`.
         let prefix = crate::powerjob::served_prefix(parts.uri.path()).unwrap_or_default();
         let fingerprint = key::fingerprint(parts.method.as_str(), &prefix, &route.name, &payload);
-        let lookup = if route.resolve {
-            self.lookup_of(&route, text("content-type"), &parts, &body, &payload)
-        } else {
-            String::new()
-        };
         let (key, window) = match client_key {
             Some(client_key) => (
                 key::idempotency_key(&prefix, &route.name, &payload.principal, client_key),
@@ -376,7 +372,7 @@ impl Guard {
         };
         Ok(Call {
             key,
-            info: ClaimInfo {
+            info: Arc::new(ClaimInfo {
                 fingerprint: fingerprint.to_string(),
                 // Only an Idempotency-Key can come back with another payload (a fingerprint key is the
                 // payload), so only its record keeps the field digests that name what differs (422).
@@ -388,8 +384,7 @@ impl Guard {
                 credential: auth::credential(&parts.headers),
                 lease: self.lease,
                 window,
-                lookup,
-            },
+            }),
             client_keyed: client_key.is_some(),
             route,
             client,
@@ -400,51 +395,31 @@ impl Guard {
         })
     }
 
-    /// What a resolver would look for on the server, as JSON (empty when the call names no app and job as
-    /// numbers: then the server refuses it before any insert). The send window starts now.
-    fn lookup_of(
-        &self,
-        route: &Route,
-        content_type: Option<&str>,
-        parts: &request::Parts,
-        body: &Bytes,
-        payload: &key::Payload,
-    ) -> String {
-        // The route's `fields` setting may leave out what a lookup needs: read them all again then.
-        let whole;
-        let payload = match route.fields {
-            None => payload,
-            Some(_) => {
-                let app = parts.headers.get(crate::powerjob::APP_ID);
-                let app = app.and_then(|v| v.to_str().ok());
-                match key::payload(
-                    &route.name,
-                    content_type,
-                    parts.uri.query(),
-                    body,
-                    app,
-                    None,
-                ) {
-                    Ok(all) => {
-                        whole = all;
-                        &whole
-                    }
-                    Err(_) => return String::new(),
-                }
-            }
-        };
-        match resolve::Lookup::run_job(&payload.principal, &payload.fields) {
-            Some((app, job, params, delay)) => resolve::Lookup {
-                app,
-                job,
-                params,
-                delay,
-                sent_from: wall_ms(),
-                sent_to: 0,
-            }
-            .to_json(),
-            None => String::new(),
-        }
+    /// What a resolver looks for on the server for this call, sent from `sent_from` (wall clock ms); `None`
+    /// when it names no app and job as numbers (the server refuses it before any insert). Read again from the
+    /// request, only when PowerJob is asked: a duplicate's payload is its leader's, so a duplicate can resolve
+    /// a dead leader's key too.
+    fn lookup_of(call: &Call, sent_from: i64) -> Option<resolve::Lookup> {
+        let text = |name: &str| call.parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let payload = key::payload(
+            &call.route.name,
+            text("content-type"),
+            call.parts.uri.query(),
+            &call.body,
+            text(crate::powerjob::APP_ID),
+            None,
+        )
+        .ok()?;
+        let (app, job, params, delay) =
+            resolve::Lookup::run_job(&payload.principal, &payload.fields)?;
+        Some(resolve::Lookup {
+            app,
+            job,
+            params,
+            delay,
+            sent_from,
+            sent_to: wall_ms(),
+        })
     }
 
     /// Claims the key and plays the role the record gives: leader, waiter or hit.
@@ -538,13 +513,14 @@ impl Guard {
                     // PowerJob decides: the key turns done (its instance) or released (nothing), and this
                     // request takes it from there; otherwise it stays unknown.
                     asked = true;
-                    let lookup = resolve::Lookup::from_json(&record.lookup);
-                    let asked = match &lookup {
+                    // Sent when the record was created, as far as this clock can tell.
+                    let sent_from = wall_ms() - record.age_ms as i64;
+                    let asked = match Self::lookup_of(call, sent_from) {
                         Some(lookup) => {
-                            self.resolve(store, &call.key, &record.owner, lookup, &call.parts)
+                            self.resolve(store, &call.key, &record.owner, &lookup, &call.parts)
                                 .await
                         }
-                        None => Asked::Failed("the record's lookup does not parse".into()),
+                        None => Asked::Failed("the call names no app and job to look for".into()),
                     };
                     match asked {
                         Asked::Found(_) | Asked::Nothing => {
@@ -613,15 +589,15 @@ impl Guard {
         deadline: tokio::time::Instant,
         seen: &mut Seen,
     ) -> Result<Response<Answer>, Failure> {
-        if call.client_keyed && flight.fingerprint != call.info.fingerprint {
+        if call.client_keyed && flight.info.fingerprint != call.info.fingerprint {
             metrics::get().key_mismatches.inc();
-            let fields = key::differing_fields(&flight.fields, &call.info.fields);
+            let fields = key::differing_fields(&flight.info.fields, &call.info.fields);
             return Err(Failure::Refused(ProxyError::KeyReused { fields }));
         }
         seen.waited_since.get_or_insert_with(Instant::now);
         match tokio::time::timeout_at(deadline, flight.outcome()).await {
             Ok(Shared::Answer(answer)) => self
-                .share(call, &flight.credential, answer, None)
+                .share(call, &flight.info.credential, answer, None)
                 .await
                 .map_err(Failure::Refused),
             Ok(Shared::Error(err)) => Err(Failure::Refused(err)),
@@ -668,21 +644,18 @@ impl Guard {
     }
 
     /// Whether a duplicate that found `record` unknown asks PowerJob now: the route has a lookup, the record
-    /// names what to look for, and it turned unknown `resolve_after` ago (the server can no longer create it).
+    /// and it turned unknown `resolve_after` ago (the server can no longer create it).
     fn due_for_resolving(&self, call: &Call, record: &Record) -> bool {
         let after = self.policy.load().resolve_after.as_millis() as u64;
-        call.route.resolve
-            && !record.lookup.is_empty()
-            && record.settled_ago_ms.is_some_and(|ago| ago >= after)
+        call.route.resolve && record.settled_ago_ms.is_some_and(|ago| ago >= after)
     }
 
     /// Asks PowerJob, `resolve_after` from now, what the unknown call its leader ran in this process created,
     /// with the leader's credentials (kept in memory, never written to the store).
-    fn resolve_later(self: &Arc<Self>, store: &AnyStore, call: &Call, owner: &str) {
-        let Some(mut lookup) = resolve::Lookup::from_json(&call.info.lookup) else {
+    fn resolve_later(self: &Arc<Self>, store: &AnyStore, call: &Call, owner: &str, sent_from: i64) {
+        let Some(lookup) = Self::lookup_of(call, sent_from) else {
             return;
         };
-        lookup.sent_to = wall_ms();
         let after = self.policy.load().resolve_after;
         let (this, store, key) = (Arc::clone(self), store.clone(), call.key.clone());
         let (owner, parts, cut_off) = (owner.to_string(), call.parts.clone(), self.cut_off.clone());
@@ -871,13 +844,7 @@ impl Guard {
         let metrics = metrics::get();
         metrics.inflight_keys.inc();
         // Registered before the call: a duplicate in this process joins it from now on.
-        let flight = self.flights.lead(
-            &call.key,
-            &token,
-            &call.info.fingerprint,
-            &call.info.fields,
-            &call.info.credential,
-        );
+        let flight = self.flights.lead(&call.key, &token, &call.info);
         let (outcome, led) = self.lead_call(store, call, &token, &flight, seen).await;
         metrics.inflight_keys.dec();
         seen.outcome = Some(outcome);
@@ -930,6 +897,7 @@ impl Guard {
             std::future::pending::<()>().await;
         };
         let started = Instant::now();
+        let sent_from = wall_ms();
         let led = tokio::select! {
             led = self.call_upstream_capturing(parts, body, call.repair) => led,
             () = renew => unreachable!("renewal never ends"),
@@ -1031,7 +999,7 @@ impl Guard {
         let landed = matches!(change, Ok(true));
         self.flights.finished(key, flight, landed, linger);
         if landed && counted == metrics::Outcome::unknown && call.route.resolve {
-            self.resolve_later(store, call, token);
+            self.resolve_later(store, call, token, sent_from);
         }
         note_change(key, change);
         ((counted, reason), led.map(|(led, _)| led))

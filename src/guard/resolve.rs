@@ -15,7 +15,6 @@
 //! This module holds the pure parts: the lookup a call leaves on its record, the query, and the verdict on
 //! the server's answer. The engine asks ([`crate::guard`]).
 
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// `SnowFlakeIdGenerator`'s epoch (2019-04-21, in ms): an id's top bits are milliseconds since it.
@@ -29,8 +28,9 @@ pub const CLOCK_SKEW_MS: i64 = 5_000;
 pub const PAGE_SIZE: u64 = 100;
 pub const MAX_PAGES: u64 = 20;
 
-/// What a resolver needs to find a `runJob`'s instance, kept on its record (no token, no secret).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a resolver needs to find a `runJob`'s instance: read from the call's own payload (a duplicate's is
+/// its leader's), with the send window.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lookup {
     pub app: i64,
     pub job: i64,
@@ -66,14 +66,6 @@ impl Lookup {
             Some(text) => text.parse().ok()?,
         };
         Some((app, job, params, delay))
-    }
-
-    pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_default()
-    }
-
-    pub fn from_json(text: &str) -> Option<Lookup> {
-        serde_json::from_str(text).ok()
     }
 
     /// The `queryInstance` body for page `index` of the instances created between `sent_from` and `now_ms`
@@ -294,8 +286,6 @@ mod tests {
             None,
             "no app"
         );
-        let resolved = Lookup::from_json(&lookup().to_json()).unwrap();
-        assert_eq!(resolved, lookup());
         let (head, body) = resolved_answer(42);
         assert!(String::from_utf8_lossy(&head).contains("X-POWERJOB-AUTH-PASSED: true\r\n"));
         assert_eq!(&body[..], br#"{"success":true,"data":42,"message":null}"#);

@@ -58,8 +58,6 @@ struct Entry {
     answer: Option<Stored>,
     /// A duplicate was told to retry while the call ran (see `Record::owed`).
     owed: bool,
-    /// What a resolver looks for (see `Record::lookup`).
-    lookup: String,
     created: Instant,
     /// When the record left `InFlight`.
     settled_at: Option<Instant>,
@@ -137,7 +135,6 @@ impl MemoryStore {
                 window: info.window,
                 answer: None,
                 owed: false,
-                lookup: info.lookup.clone(),
                 created: now,
                 settled_at: None,
                 waited_on: false,
@@ -533,7 +530,6 @@ impl Entry {
             credential: self.credential.clone(),
             answer: self.answer.clone(),
             owed: self.owed,
-            lookup: self.lookup.clone(),
             settled_ago_ms: self
                 .settled_at
                 .map(|at| now.saturating_duration_since(at).as_millis() as u64)
@@ -564,7 +560,6 @@ mod tests {
             credential: String::new(),
             lease: Duration::from_secs(5),
             window: Duration::from_millis(window_ms),
-            lookup: String::new(),
         }
     }
 

@@ -161,9 +161,6 @@ pub struct Record {
     /// A duplicate was told to retry (409, still in flight): it is owed the answer, so an identical call
     /// within the window is replayed even after a client received the answer.
     pub owed: bool,
-    /// What a resolver looks for on the server (`guard::resolve::Lookup` as JSON), from the claim; empty for
-    /// a route PowerJob cannot be asked about.
-    pub lookup: String,
     /// Milliseconds since the record left `InFlight` (an `Unknown` one: since the call turned unknown).
     pub settled_ago_ms: Option<u64>,
 }
@@ -181,8 +178,6 @@ pub struct ClaimInfo {
     pub lease: Duration,
     /// How long the record lives (the route's window); kept for this long from the claim, and again from completion.
     pub window: Duration,
-    /// What a resolver would look for on the server should the outcome turn unknown (see [`Record::lookup`]).
-    pub lookup: String,
 }
 
 /// The answer to a claim.

@@ -461,7 +461,6 @@ impl Store for RedisStore {
                     lease.as_bytes(),
                     window.as_bytes(),
                     info.credential.as_bytes(),
-                    info.lookup.as_bytes(),
                 ],
             )
             .await;
@@ -497,7 +496,6 @@ impl Store for RedisStore {
                     lease.as_bytes(),
                     window.as_bytes(),
                     info.credential.as_bytes(),
-                    info.lookup.as_bytes(),
                 ],
             )
             .await?;
@@ -1008,10 +1006,10 @@ fn claim_answer(op: &'static str, value: Value, token: String) -> Result<Claim, 
     }
 }
 
-/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed, lookup,
+/// `{'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed,
 /// settled_ago_ms}` as a [`Record`].
 fn record(items: &[Value]) -> Option<Record> {
-    if items.len() != 14 {
+    if items.len() != 13 {
         return None;
     }
     // The answer in status/head/body: a done record's, or the one that came with a release or an unknown.
@@ -1049,8 +1047,7 @@ fn record(items: &[Value]) -> Option<Record> {
         credential: text(items.get(10))?.to_string(),
         answer,
         owed: text(items.get(11))? == "1",
-        lookup: text(items.get(12))?.to_string(),
-        settled_ago_ms: match text(items.get(13))? {
+        settled_ago_ms: match text(items.get(12))? {
             "" => None,
             ms => Some(ms.parse().ok()?),
         },
@@ -1276,7 +1273,6 @@ mod tests {
                 b"c0ffee",
                 b"1",
                 b"",
-                b"",
             ],
             42,
         );
@@ -1302,7 +1298,7 @@ mod tests {
         let mut bad = done.clone();
         bad[6] = Value::BulkString(b"99999".to_vec());
         assert!(record(&bad).is_none());
-        assert!(record(&done[..13]).is_none());
+        assert!(record(&done[..12]).is_none());
         // A release without an answer, and one with the leader's answer for its waiters.
         let mut released = done.clone();
         released[1] = Value::BulkString(b"released".to_vec());
@@ -1334,7 +1330,6 @@ mod tests {
                 b"0",
                 b"",
                 b"0",
-                b"",
                 b"",
             ],
             1,

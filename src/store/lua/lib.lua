@@ -30,17 +30,17 @@ local function changed_if_waited(what)
 end
 
 -- The record as {'existing', state, owner, fp, fields, age_ms, status, head, body, delivered, cred, owed,
--- lookup, settled_ago_ms ('' while in flight)}, or false when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed
+-- settled_ago_ms ('' while in flight)}, or false when there is none. An in-flight record whose lease ran out reads as 'unknown'; it is not changed
 -- here. status/head/body are the answer of a 'done' record, or the answer that came with a 'released' or
 -- 'unknown' outcome (empty when none came).
 local function read_record(now)
   local r = redis.call('HMGET', record_key, 'state', 'owner', 'fp', 'fields', 'created', 'lease_until',
-    'status', 'head', 'body', 'delivered', 'cred', 'owed', 'lookup', 'settled')
+    'status', 'head', 'body', 'delivered', 'cred', 'owed', 'settled')
   if not r[1] then
     return false
   end
   local state = r[1]
-  local settled = tonumber(r[14])
+  local settled = tonumber(r[13])
   if state == 'inflight' and (tonumber(r[6]) or 0) < now then
     state = 'unknown'
     settled = tonumber(r[6])
@@ -54,7 +54,7 @@ local function read_record(now)
     age = 0
   end
   return {'existing', state, r[2] or '', r[3] or '', r[4] or '', age, r[7] or '', r[8] or '', r[9] or '',
-    r[10] or '0', r[11] or '', r[12] or '0', r[13] or '', settled_ago}
+    r[10] or '0', r[11] or '', r[12] or '0', settled_ago}
 end
 
 -- Keeps the answer that came with a 'released' or 'unknown' outcome (ARGV from `first` on: status, head,
@@ -75,14 +75,11 @@ end
 -- A new in-flight record led by `token`; `cred` is the digest of the leader's access token (never the token). It lives for lease + window: should its leader die, the record
 -- still reads 'unknown' for a whole window after the lease ran out. Not published: nobody waits on a key
 -- that had no record, or only a delivered answer (waiters wait on in-flight records).
-local function create(token, fp, fields, lease, window, now, cred, lookup)
+local function create(token, fp, fields, lease, window, now, cred)
   redis.call('DEL', record_key)
   redis.call('HSET', record_key, 'state', 'inflight', 'owner', token, 'fp', fp, 'fields', fields,
     'created', int(now), 'lease_until', int(now + lease), 'window', int(window), 'delivered', '0',
     'cred', cred or '')
-  if lookup and lookup ~= '' then
-    redis.call('HSET', record_key, 'lookup', lookup)
-  end
   redis.call('PEXPIRE', record_key, int(lease + window))
   return {'leader'}
 end

@@ -86,16 +86,27 @@ impl Flight {
     }
 }
 
+/// Shards of the registry: every guarded request looks here, from every worker thread; one lock would make
+/// them queue.
+const SHARDS: usize = 16;
+
 /// Every leader running in this process, by key.
 #[derive(Default)]
 pub struct Flights {
-    /// A std mutex: each use is one map operation, never held across an `.await`.
-    by_key: Mutex<HashMap<Key, Arc<Flight>>>,
+    /// Std mutexes: each use is one map operation, never held across an `.await`. A key's shard is picked by
+    /// its first byte (keys are SHA-256 hex: evenly spread).
+    shards: [Mutex<HashMap<Key, Arc<Flight>>>; SHARDS],
+    /// Entries in all shards: a request that finds none skips the locks (replays of a stored answer, most of
+    /// the time).
+    count: std::sync::atomic::AtomicUsize,
 }
 
 impl Flights {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
-        self.by_key.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
+        let shard = usize::from(key.as_str().as_bytes()[0]) % SHARDS;
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers the leader that holds `token` on `key` (replacing a lingering entry of an earlier leader).
@@ -108,13 +119,18 @@ impl Flights {
             landed: OnceLock::new(),
             changed: Notify::new(),
         });
-        self.lock().insert(key.clone(), Arc::clone(&flight));
+        if self.lock(key).insert(key.clone(), Arc::clone(&flight)).is_none() {
+            self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         flight
     }
 
     /// The leader of `key` in this process, running or lingering.
     pub fn find(&self, key: &Key) -> Option<Arc<Flight>> {
-        self.lock().get(key).cloned()
+        if self.count.load(std::sync::atomic::Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.lock(key).get(key).cloned()
     }
 
     /// The leader's outcome is in the store (`landed`): its entry goes. Otherwise it stays for `linger`, for
@@ -145,15 +161,16 @@ impl Flights {
 
     /// Removes `flight`'s entry, unless another leader has taken the key since.
     fn forget(&self, key: &Key, flight: &Arc<Flight>) {
-        let mut by_key = self.lock();
+        let mut by_key = self.lock(key);
         if by_key.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             by_key.remove(key);
+            self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         }
     }
 
     /// Leaders registered now (running or lingering).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.count.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -104,9 +104,7 @@ pub struct Flights {
 impl Flights {
     fn lock(&self, key: &Key) -> MutexGuard<'_, HashMap<Key, Arc<Flight>>> {
         let shard = usize::from(key.as_str().as_bytes()[0]) % SHARDS;
-        self.shards[shard]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers the leader that holds `token` on `key` (replacing a lingering entry of an earlier leader).
@@ -119,7 +117,11 @@ impl Flights {
             landed: OnceLock::new(),
             changed: Notify::new(),
         });
-        if self.lock(key).insert(key.clone(), Arc::clone(&flight)).is_none() {
+        if self
+            .lock(key)
+            .insert(key.clone(), Arc::clone(&flight))
+            .is_none()
+        {
             self.count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         }
         flight

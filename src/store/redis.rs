@@ -433,6 +433,30 @@ impl RedisStore {
         flag("changed", &value)
     }
 
+    /// A settling script (release, mark_unknown, resolve): ARGV = token, a duration in ms, then the answer's
+    /// status, head and body (an empty status: no answer).
+    async fn settle(
+        &self,
+        op: &'static str,
+        script: &Script,
+        key: &Key,
+        token: &str,
+        duration: Duration,
+        answer: Option<&Stored>,
+    ) -> Result<bool, StoreError> {
+        let duration = millis(duration);
+        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
+        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
+        let args = [
+            token.as_bytes(),
+            duration.as_bytes(),
+            status.as_bytes(),
+            head,
+            body,
+        ];
+        self.change(op, script, key, &args).await
+    }
+
     async fn change(
         &self,
         op: &'static str,
@@ -545,22 +569,9 @@ impl Store for RedisStore {
         token: &str,
         answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
-        let keep = millis(super::RELEASED_KEEP);
-        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
-        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
-        self.change(
-            "release",
-            &scripts().release,
-            key,
-            &[
-                token.as_bytes(),
-                keep.as_bytes(),
-                status.as_bytes(),
-                head,
-                body,
-            ],
-        )
-        .await
+        let script = &scripts().release;
+        self.settle("release", script, key, token, super::RELEASED_KEEP, answer)
+            .await
     }
 
     async fn mark_unknown(
@@ -570,22 +581,9 @@ impl Store for RedisStore {
         window: Duration,
         answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
-        let window = millis(window);
-        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
-        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
-        self.change(
-            "mark_unknown",
-            &scripts().mark_unknown,
-            key,
-            &[
-                token.as_bytes(),
-                window.as_bytes(),
-                status.as_bytes(),
-                head,
-                body,
-            ],
-        )
-        .await
+        let script = &scripts().mark_unknown;
+        self.settle("mark_unknown", script, key, token, window, answer)
+            .await
     }
 
     async fn resolve(
@@ -594,22 +592,9 @@ impl Store for RedisStore {
         owner: &str,
         answer: Option<&Stored>,
     ) -> Result<bool, StoreError> {
-        let keep = millis(super::RELEASED_KEEP);
-        let status = answer.map(|a| a.status.to_string()).unwrap_or_default();
-        let (head, body) = answer.map_or((&b""[..], &b""[..]), |a| (&a.head[..], &a.body[..]));
-        self.change(
-            "resolve",
-            &scripts().resolve,
-            key,
-            &[
-                owner.as_bytes(),
-                status.as_bytes(),
-                head,
-                body,
-                keep.as_bytes(),
-            ],
-        )
-        .await
+        let script = &scripts().resolve;
+        self.settle("resolve", script, key, owner, super::RELEASED_KEEP, answer)
+            .await
     }
 
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {

@@ -1,4 +1,4 @@
--- resolve: ARGV = owner, status, head, body (an empty status: nothing was created). The server said what the
+-- resolve: ARGV = owner, keep_ms, status, head, body (an empty status: nothing was created). The server said what the
 -- unknown call created by `owner` created: its instance (the record turns 'done', not delivered, for the rest
 -- of its window) or nothing (it turns 'released', for the waiters, and the next claim leads). 1, or 0 when
 -- the record is no longer that unknown one (another resolver, or a purge, came first).
@@ -7,14 +7,14 @@ local record = read_record(now)
 if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
   return 0
 end
-if ARGV[2] == '' then
+if ARGV[3] == '' then
   redis.call('HSET', record_key, 'state', 'released', 'settled', int(now))
   redis.call('HDEL', record_key, 'status', 'head', 'body')
-  redis.call('PEXPIRE', record_key, int(tonumber(ARGV[5])))
+  redis.call('PEXPIRE', record_key, int(tonumber(ARGV[2])))
   changed_if_waited('released')
   return 1
 end
-redis.call('HSET', record_key, 'state', 'done', 'status', ARGV[2], 'head', ARGV[3], 'body', ARGV[4],
+redis.call('HSET', record_key, 'state', 'done', 'status', ARGV[3], 'head', ARGV[4], 'body', ARGV[5],
   'delivered', '0', 'settled', int(now))
 changed_if_waited('done')
 return 1

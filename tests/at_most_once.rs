@@ -322,24 +322,30 @@ async fn a_redis_that_forgets_under_a_local_leader_and_waiter_sends_once() {
     );
 }
 
+/// A `fail-open` proxy on `redis` (200 ms store time-out) in front of an upstream that answers after `slow`.
+async fn fail_open(redis: &RedisServer, slow: u64, extra: &[&str]) -> (RawUpstream, Process) {
+    let upstream =
+        RawUpstream::start(move |_| Script::Slow(Duration::from_millis(slow), ok_answer(""))).await;
+    let url = redis.url();
+    let mut flags = vec![
+        "--store",
+        &url,
+        "--on-store-error",
+        "fail-open",
+        "--store-timeout",
+        "200ms",
+    ];
+    flags.extend_from_slice(extra);
+    let proxy = proxy(&[upstream.url()], &flags);
+    (upstream, proxy)
+}
+
 /// With `fail-open`, a duplicate sent to the same process while Redis hangs (its leader claimed on Redis) is
 /// de-duplicated in the process.
 #[tokio::test]
 async fn fail_open_deduplicates_in_the_process_while_redis_hangs() {
     let redis = RedisServer::start();
-    let upstream =
-        RawUpstream::start(|_| Script::Slow(Duration::from_millis(1000), ok_answer(""))).await;
-    let proxy = proxy(
-        &[upstream.url()],
-        &[
-            "--store",
-            &redis.url(),
-            "--on-store-error",
-            "fail-open",
-            "--store-timeout",
-            "200ms",
-        ],
-    );
+    let (upstream, proxy) = fail_open(&redis, 1000, &[]).await;
     let addr = proxy.addr("proxy");
     let leader = tokio::spawn(async move { run_job(addr, "").await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -360,21 +366,7 @@ async fn fail_open_deduplicates_in_the_process_while_redis_hangs() {
 #[tokio::test]
 async fn fail_open_deduplicates_in_the_process_after_redis_came_back() {
     let redis = RedisServer::start();
-    let upstream =
-        RawUpstream::start(|_| Script::Slow(Duration::from_millis(300), ok_answer(""))).await;
-    let proxy = proxy(
-        &[upstream.url()],
-        &[
-            "--store",
-            &redis.url(),
-            "--on-store-error",
-            "fail-open",
-            "--store-timeout",
-            "200ms",
-            "--after-delivery",
-            "replay",
-        ],
-    );
+    let (upstream, proxy) = fail_open(&redis, 300, &["--after-delivery", "replay"]).await;
     let addr = proxy.addr("proxy");
     redis.pause();
     let leader = run_job(addr, "").await;
@@ -667,19 +659,9 @@ async fn the_mock_creates_then_answers_badly(store: &[&str]) {
     .into_iter()
     .enumerate()
     {
-        let mock = Process::start(
-            &[
-                "mock-powerjob",
-                "--listen",
-                "127.0.0.1:0",
-                "--mode",
-                "v5.1.1-auth-off",
-                "--latency-ms",
-                "300",
-                "--fault",
-                fault,
-            ],
-            &[],
+        let mock = mock_with(
+            "v5.1.1-auth-off",
+            &["--latency-ms", "300", "--fault", fault],
         );
         let mut flags = store.to_vec();
         flags.extend(["--upstream-timeout", "2s", "--wait-timeout", "2s"]);

@@ -21,21 +21,9 @@ async fn run_job(proxy: SocketAddr) -> RawResponse {
         .expect("runJob answer")
 }
 
-fn mock_with(mode: &str, fault: &str) -> Process {
-    Process::start(
-        &[
-            "mock-powerjob",
-            "--listen",
-            "127.0.0.1:0",
-            "--mode",
-            mode,
-            "--fault",
-            fault,
-            "--fault-count",
-            "1",
-        ],
-        &[],
-    )
+/// The mock with `fault` on its first instance-creating call.
+fn faulty_mock(mode: &str, fault: &str) -> Process {
+    mock_with(mode, &["--fault", fault, "--fault-count", "1"])
 }
 
 fn resolving_proxy(mock: &Process) -> Process {
@@ -77,7 +65,7 @@ async fn run_jobs_sent(mock: SocketAddr) -> u64 {
 /// The first call creates the instance and gets `first_status`; a duplicate after `resolve_after` gets 200
 /// with that instance's id, never a second instance.
 async fn created_then_resolved(fault: &str, first_status: u16) {
-    let mock = mock_with("v5.1.1-auth-off", fault);
+    let mock = faulty_mock("v5.1.1-auth-off", fault);
     let proxy = resolving_proxy(&mock);
     let addr = proxy.addr("proxy");
     let first = run_job(addr).await;
@@ -115,7 +103,7 @@ async fn a_hops_504_after_create_resolves_to_its_id() {
 
 #[tokio::test]
 async fn sent_but_never_created_is_released_and_runs_once_more() {
-    let mock = mock_with("v5.1.1-auth-off", "close-without-create");
+    let mock = faulty_mock("v5.1.1-auth-off", "close-without-create");
     let proxy = resolving_proxy(&mock);
     let addr = proxy.addr("proxy");
     let first = run_job(addr).await;
@@ -129,7 +117,7 @@ async fn sent_but_never_created_is_released_and_runs_once_more() {
 
 #[tokio::test]
 async fn two_matching_instances_stay_unknown_and_are_never_sent_again() {
-    let mock = mock_with("v5.1.1-auth-off", "stall-after-create");
+    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
     let proxy = resolving_proxy(&mock);
     let addr = proxy.addr("proxy");
     assert_eq!(run_job(addr).await.status, 504);
@@ -153,7 +141,7 @@ async fn two_matching_instances_stay_unknown_and_are_never_sent_again() {
 
 #[tokio::test]
 async fn a_510_server_cannot_be_asked_and_the_key_stays_unknown() {
-    let mock = mock_with("v5.1.0-auth-off", "stall-after-create");
+    let mock = faulty_mock("v5.1.0-auth-off", "stall-after-create");
     let proxy = resolving_proxy(&mock);
     let addr = proxy.addr("proxy");
     assert_eq!(run_job(addr).await.status, 504);
@@ -166,7 +154,7 @@ async fn a_510_server_cannot_be_asked_and_the_key_stays_unknown() {
 /// The leader asks by itself, `resolve_after` after its call turned unknown: no duplicate needed.
 #[tokio::test]
 async fn the_leader_resolves_its_own_unknown_call() {
-    let mock = mock_with("v5.1.1-auth-off", "stall-after-create");
+    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
     let proxy = resolving_proxy(&mock);
     let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
     assert_eq!(run_job(addr).await.status, 504);

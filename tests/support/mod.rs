@@ -182,18 +182,14 @@ pub fn proxy(upstreams: &[String], extra: &[&str]) -> Process {
 /// `runonce mock-powerjob` on a free port.
 pub fn mock(mode: &str, latency_ms: u64) -> Process {
     let latency = latency_ms.to_string();
-    Process::start(
-        &[
-            "mock-powerjob",
-            "--listen",
-            "127.0.0.1:0",
-            "--mode",
-            mode,
-            "--latency-ms",
-            &latency,
-        ],
-        &[],
-    )
+    mock_with(mode, &["--latency-ms", &latency])
+}
+
+/// `runonce mock-powerjob` on a free port, with extra flags (`--fault KIND`, …).
+pub fn mock_with(mode: &str, extra: &[&str]) -> Process {
+    let mut args = vec!["mock-powerjob", "--listen", "127.0.0.1:0", "--mode", mode];
+    args.extend_from_slice(extra);
+    Process::start(&args, &[])
 }
 
 pub fn url(addr: SocketAddr) -> String {

@@ -395,15 +395,7 @@ async fn a_claim_that_timed_out_but_ran_leaves_no_orphan() {
     let addr = proxy.addr("proxy");
     // Other calls first, on connections of their own (so on every worker thread): each worker's Redis
     // connection is up and Redis has the scripts, so the timed-out claim runs as soon as Redis does.
-    for i in 0..8 {
-        let warm = run_job_body(
-            addr,
-            &format!("jobId=5&appId=1&instanceParams=warm-{i}"),
-            "",
-        )
-        .await;
-        assert_eq!(warm.status, 200);
-    }
+    warm_up(addr).await;
     redis.pause();
     let refused = run_job(addr, "").await;
     assert_eq!(refused.status, 503, "{}", refused.text());
@@ -420,6 +412,47 @@ async fn a_claim_that_timed_out_but_ran_leaves_no_orphan() {
     }
     assert_eq!(retry.status, 200, "{}", retry.text());
     assert_eq!(upstream.count(), 9);
+}
+
+/// Warms up every worker's Redis connection (so that a claim sent while Redis is paused runs when it resumes).
+async fn warm_up(addr: SocketAddr) {
+    for i in 0..8 {
+        let body = format!("jobId=5&appId=1&instanceParams=warm-{i}");
+        assert_eq!(run_job_body(addr, &body, "").await.status, 200);
+    }
+}
+
+/// On a `fail-open` route the call goes ahead on the in-process fallback when the claim times out: should that
+/// claim still run on Redis, its record stays (and turns unknown with its lease), so that another replica
+/// never sends the call a second time.
+#[tokio::test]
+async fn a_fail_open_claim_that_ran_late_is_kept_for_the_other_replicas() {
+    let redis = RedisServer::start();
+    let upstream = RawUpstream::start(|_| Script::Answer(ok_answer(""))).await;
+    let url = redis.url();
+    let flags = [
+        "--store",
+        url.as_str(),
+        "--store-timeout",
+        "200ms",
+        "--lease",
+        "2s",
+    ];
+    let mut open = flags.to_vec();
+    open.extend(["--on-store-error", "fail-open"]);
+    let (a, b) = (
+        proxy(&[upstream.url()], &open),
+        proxy(&[upstream.url()], &flags),
+    );
+    warm_up(a.addr("proxy")).await;
+    redis.pause();
+    let led = run_job(a.addr("proxy"), "").await;
+    assert_eq!(led.status, 200, "fail-open forwards: {}", led.text());
+    redis.resume();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = run_job(b.addr("proxy"), "").await;
+    assert_eq!(other.status, 409, "{}", other.text());
+    assert_eq!(upstream.count(), 9, "the call reached the upstream once");
 }
 
 /// The whole leader call (head, then body) is bounded by one `upstream_timeout`, not one per part.

@@ -40,6 +40,7 @@ fn info(lease_ms: u64, window_ms: u64) -> ClaimInfo {
         credential: CREDENTIAL.into(),
         lease: Duration::from_millis(lease_ms),
         window: Duration::from_millis(window_ms),
+        release_if_failed: true,
     }
 }
 

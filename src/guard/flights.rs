@@ -196,6 +196,7 @@ mod tests {
             credential: String::new(),
             lease: Duration::from_secs(10),
             window: Duration::from_secs(60),
+            release_if_failed: true,
         })
     }
 

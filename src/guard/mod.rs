@@ -384,6 +384,7 @@ impl Guard {
                 credential: auth::credential(&parts.headers),
                 lease: self.lease,
                 window,
+                release_if_failed: route.on_store_error == OnStoreError::FailClosed,
             }),
             client_keyed: client_key.is_some(),
             route,

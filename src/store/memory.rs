@@ -560,6 +560,7 @@ mod tests {
             credential: String::new(),
             lease: Duration::from_secs(5),
             window: Duration::from_millis(window_ms),
+            release_if_failed: true,
         }
     }
 

@@ -178,6 +178,10 @@ pub struct ClaimInfo {
     pub lease: Duration,
     /// How long the record lives (the route's window); kept for this long from the claim, and again from completion.
     pub window: Duration,
+    /// A claim that fails forwards nothing (the route is `fail-closed`): should it still have run on the
+    /// store, its record is released. `false` (`fail-open`: the call goes ahead on the in-process fallback):
+    /// a record that ran stays, and turns unknown when its lease runs out, so no other replica sends it.
+    pub release_if_failed: bool,
 }
 
 /// The answer to a claim.

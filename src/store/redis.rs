@@ -491,9 +491,12 @@ impl Store for RedisStore {
         match value {
             Ok(value) => claim_answer("claim", value, token),
             Err(err) => {
-                // The caller answers "nothing forwarded" (or claims on the fail-open fallback), but the script
-                // may still run on Redis and leave an in-flight record that no leader will ever settle.
-                self.clean_up_claim(key, token, info.lease);
+                // The caller answers "nothing forwarded", but the script may still run on Redis and leave an
+                // in-flight record that no leader will ever settle. (On a fail-open route the call goes ahead
+                // elsewhere: that record must stay.)
+                if info.release_if_failed {
+                    self.clean_up_claim(key, token, info.lease);
+                }
                 Err(err)
             }
         }

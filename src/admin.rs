@@ -9,6 +9,9 @@
 //! Operator endpoints, which read and change keys and the configuration:
 //! - `GET /keys/{key}`: a record's state, age, owner, fingerprint and stored answer status.
 //! - `DELETE /keys/{key}`: purges a record (to release an `unknown` key once the server was checked).
+//! - `POST /keys/{key}/resolve`: asks PowerJob now what the unknown `runJob` on the key created, and settles
+//!   the key by the answer (`guard::resolve`); with auth on, send the app's `X-POWERJOB-APP-ID` and
+//!   `X-POWERJOB-ACCESS-TOKEN`.
 //! - `GET /keys?state=inflight|done|unknown[&limit=N]`: records in that state (all without `state`).
 //! - `POST /reload`: re-reads the configuration ([`crate::reload`]).
 //!
@@ -188,6 +191,27 @@ async fn operator(
                         StatusCode::OK,
                         json!({"count": keys.len(), "truncated": truncated, "keys": keys}),
                     )
+                }
+                Err(err) => store_failed(&err),
+            }
+        }
+        (&Method::POST, _) if path.starts_with("/keys/") && path.ends_with("/resolve") => {
+            let text = &path["/keys/".len()..path.len() - "/resolve".len()];
+            let Some(key) = Key::parse(text) else {
+                return json(
+                    StatusCode::BAD_REQUEST,
+                    json!({"status": "a key is 64 lowercase hex characters"}),
+                );
+            };
+            match admin
+                .proxy
+                .guard()
+                .resolve_by_key(&key, request.headers())
+                .await
+            {
+                Ok((status, mut body)) => {
+                    body["key"] = json!(key.as_str());
+                    json(status, body)
                 }
                 Err(err) => store_failed(&err),
             }

@@ -169,6 +169,10 @@ settings! {
     /// How long after a `runJob` turned unknown runonce asks PowerJob (`queryInstance`, 5.1.1+) whether it
     /// created an instance: longer than the server's worst creation path (a 5 s forward, a dispatch).
     resolve_after: Dur = Dur::secs(15), flag "resolve-after";
+    /// After the store lost its records (Redis flushed, restarted or failed over; a memory store that just
+    /// started), for the route's `window` a new `runJob` leader first asks PowerJob (`queryInstance`) for
+    /// the instance a forgotten earlier copy of its call created, and answers with it instead of sending.
+    quarantine: Switch = Switch(true), flag "quarantine";
     /// An identical call after a client received the answer: `new-call` (runs again) or `replay`. Routes may
     /// override it.
     after_delivery: AfterDelivery = AfterDelivery::NewCall, flag "after-delivery";

@@ -132,6 +132,33 @@ pub struct Metrics {
     pub reloads: Family<ReloadLabel, Counter>,
     /// Unknown outcomes runonce asked PowerJob about, by what it found.
     pub resolutions: Family<ResolutionLabel, Counter>,
+    /// Times the store was found to have lost its records; each starts a quarantine.
+    pub store_losses: Counter,
+    /// New leaders that asked PowerJob first during a quarantine, by what it found.
+    quarantine_checks: Family<QuarantineLabel, Counter>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct QuarantineLabel {
+    pub result: QuarantineCheck,
+}
+
+/// What a new leader that asked PowerJob first, after the store lost its records, found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum QuarantineCheck {
+    /// One matching instance: a forgotten copy of the call created it; the call is answered with it.
+    found,
+    /// None: the call is sent.
+    none,
+    /// Several: the call is not sent; its key turns unknown.
+    ambiguous,
+    /// The server cannot answer the lookup: the call is sent, and the rest of the quarantine asks no more.
+    unsupported,
+    /// The server refused the request's credentials: it gets the server's answer, nothing is sent.
+    refused,
+    /// No usable answer: the call is sent.
+    failed,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -149,7 +176,7 @@ pub enum Resolution {
     released,
     /// Several: the key stays unknown.
     ambiguous,
-    /// The server cannot answer the lookup (5.1.0 and older): the key stays unknown.
+    /// The server cannot answer the lookup (5.1.0 and older; a 200 that is not a page): the key stays unknown.
     unsupported,
     /// The server refused the asking request's credentials: that caller gets its answer.
     refused,
@@ -287,6 +314,18 @@ impl Metrics {
             "Unknown runJob outcomes runonce asked PowerJob about (queryInstance): done, released, ambiguous, unsupported, refused, failed",
             resolutions.clone(),
         );
+        let store_losses = Counter::default();
+        registry.register(
+            "store_losses",
+            "Times the store was found to have lost its records (Redis flushed, restarted or failed over; the memory store starting): each starts a quarantine",
+            store_losses.clone(),
+        );
+        let quarantine_checks = Family::<QuarantineLabel, Counter>::default();
+        registry.register(
+            "quarantine_checks",
+            "New runJob leaders that asked PowerJob first while the store was in quarantine: found, none, ambiguous, unsupported, refused, failed",
+            quarantine_checks.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -307,6 +346,8 @@ impl Metrics {
             answers_not_taken,
             reloads,
             resolutions,
+            store_losses,
+            quarantine_checks,
         }
     }
 
@@ -351,6 +392,12 @@ impl Metrics {
     pub fn resolution(&self, result: Resolution) {
         self.resolutions
             .get_or_create(&ResolutionLabel { result })
+            .inc();
+    }
+
+    pub fn quarantine_check(&self, result: QuarantineCheck) {
+        self.quarantine_checks
+            .get_or_create(&QuarantineLabel { result })
             .inc();
     }
 

@@ -11,25 +11,6 @@ use support::*;
 
 const RUN_JOB: &str = "/openApi/runJob";
 const FORM: &str = "jobId=5&delay=0&appId=1";
-const AUTH_BODY: &str = r#"{"appName":"my-app","encryptedPassword":"e10adc3949ba59abbe56e057f20f883e","encryptType":"md5"}"#;
-
-/// A fresh token from the mock's `/authApp` (straight to the mock: runonce passes it through anyway).
-async fn token(mock: SocketAddr) -> String {
-    let request = format!(
-        "POST /openApi/authApp HTTP/1.1\r\nHost: test\r\nContent-Type: application/json; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{AUTH_BODY}",
-        AUTH_BODY.len()
-    );
-    let answer = raw(mock, request.as_bytes()).await.expect("authApp");
-    answer.json().unwrap()["data"]["token"]
-        .as_str()
-        .expect("a token")
-        .to_string()
-}
-
-fn credentials(token: &str) -> String {
-    format!("X-POWERJOB-APP-ID: 1\r\nX-POWERJOB-ACCESS-TOKEN: {token}\r\n")
-}
-
 async fn run_job(proxy: SocketAddr, headers: &str) -> RawResponse {
     raw(proxy, &form_post(RUN_JOB, FORM, headers))
         .await
@@ -55,7 +36,7 @@ async fn waiters_with_another_token_share_the_answer_only_once_the_server_accept
     let mock = mock("auth-on", 1500);
     let proxy = proxy(&[url(mock.addr("mock"))], &[]);
     let (m, p) = (mock.addr("mock"), proxy.addr("proxy"));
-    let (leader_token, other_token) = (token(m).await, token(m).await);
+    let (leader_token, other_token) = (app_token(m).await, app_token(m).await);
 
     let leader_headers = credentials(&leader_token);
     let leader = tokio::spawn(async move { run_job(p, &leader_headers).await });
@@ -121,7 +102,7 @@ async fn a_stored_answer_is_replayed_to_another_token_only_while_the_server_acce
     // Every identical call within the window is a retry: only the token check stands between it and the answer.
     let proxy = proxy(&[url(mock.addr("mock"))], &["--after-delivery", "replay"]);
     let (m, p) = (mock.addr("mock"), proxy.addr("proxy"));
-    let (leader_token, other_token) = (token(m).await, token(m).await);
+    let (leader_token, other_token) = (app_token(m).await, app_token(m).await);
 
     let first = run_job(p, &credentials(&leader_token)).await;
     let id = first.json().unwrap()["data"].clone();
@@ -223,7 +204,7 @@ async fn replicas_on_redis_check_the_token_of_a_duplicate_led_elsewhere() {
     let flags = ["--store", &redis.url(), "--after-delivery", "replay"];
     let (a, b) = (proxy(&upstream, &flags), proxy(&upstream, &flags));
     let m = mock.addr("mock");
-    let (leader_token, other_token) = (token(m).await, token(m).await);
+    let (leader_token, other_token) = (app_token(m).await, app_token(m).await);
 
     let (pa, pb) = (a.addr("proxy"), b.addr("proxy"));
     let leader = tokio::spawn(async move { run_job(pa, &credentials(&leader_token)).await });

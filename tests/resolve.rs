@@ -27,6 +27,11 @@ fn faulty_mock(mode: &str, fault: &str) -> Process {
 }
 
 fn resolving_proxy(mock: &Process) -> Process {
+    proxy_resolving_after(mock, "1500ms")
+}
+
+/// The proxy with short timeouts, resolving `resolve_after` after a call turned unknown.
+fn proxy_resolving_after(mock: &Process, resolve_after: &str) -> Process {
     proxy(
         &[url(mock.addr("mock"))],
         &[
@@ -35,7 +40,7 @@ fn resolving_proxy(mock: &Process) -> Process {
             "--wait-timeout",
             "1s",
             "--resolve-after",
-            "1500ms",
+            resolve_after,
         ],
     )
 }
@@ -180,4 +185,131 @@ async fn the_leader_resolves_its_own_unknown_call() {
         scrape.contains("runonce_resolutions_total{result=\"done\"} 1"),
         "{scrape}"
     );
+}
+
+async fn queries_sent(mock: SocketAddr) -> u64 {
+    mock_stats(mock).await["requests_by_path"]["/openApi/queryInstance"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Duplicates that arrive while one of them asks PowerJob wait for that answer: one query, however many
+/// duplicates. The leader's replica is gone (a dead leader's key), so only the duplicates ask.
+#[tokio::test]
+async fn concurrent_duplicates_of_a_dead_leaders_key_ask_powerjob_once() {
+    let redis = support::redis::RedisServer::start();
+    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
+    let store = redis.url();
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--upstream-timeout",
+        "1s",
+        "--wait-timeout",
+        "5s",
+        "--resolve-after",
+        "1500ms",
+    ];
+    let upstream = [url(mock.addr("mock"))];
+    let leader = proxy(&upstream, &flags);
+    assert_eq!(run_job(leader.addr("proxy")).await.status, 504);
+    drop(leader);
+    let other = proxy(&upstream, &flags);
+    tokio::time::sleep(AFTER).await;
+    let before = queries_sent(mock.addr("mock")).await;
+    let addr = other.addr("proxy");
+    let duplicates: Vec<_> = (0..5).map(|_| tokio::spawn(run_job(addr))).collect();
+    let mut answers = Vec::new();
+    for duplicate in duplicates {
+        answers.push(duplicate.await.unwrap());
+    }
+    // Read before the test's own query below.
+    let asked = queries_sent(mock.addr("mock")).await - before;
+    let created = instances_of_job_5(mock.addr("mock")).await;
+    assert_eq!(created.len(), 1);
+    for answer in answers {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json().unwrap()["data"].as_i64(), Some(created[0]));
+    }
+    assert_eq!(asked, 1, "one query for five duplicates");
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+}
+
+/// The key of the one unknown record, from the admin listing.
+async fn the_unknown_key(admin: SocketAddr) -> String {
+    let listed = admin_call(admin, "GET", "/keys?state=unknown", "").await;
+    let json: Value = listed.json().unwrap();
+    assert_eq!(json["count"], 1, "{}", listed.text());
+    json["keys"][0]["key"].as_str().unwrap().to_string()
+}
+
+/// A proxy whose leaders do not resolve by themselves within the test (resolve_after 1 min).
+fn patient_proxy(mock: &Process) -> Process {
+    proxy_resolving_after(mock, "60s")
+}
+
+#[tokio::test]
+async fn an_operator_resolves_an_unknown_key_by_its_key() {
+    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
+    let proxy = patient_proxy(&mock);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    assert_eq!(run_job(addr).await.status, 504);
+    let key = the_unknown_key(admin).await;
+    // The leader keeps its lookup with the record right after the outcome: allow it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = format!("/keys/{key}/resolve");
+    let resolved = admin_call(admin, "POST", &path, "").await;
+    assert_eq!(resolved.status, 200, "{}", resolved.text());
+    let created = instances_of_job_5(mock.addr("mock")).await;
+    let json: Value = resolved.json().unwrap();
+    assert_eq!(
+        (
+            json["result"].as_str(),
+            json["instance"].as_i64(),
+            json["state"].as_str()
+        ),
+        (Some("done"), Some(created[0]), Some("done")),
+        "{json}"
+    );
+    let duplicate = run_job(addr).await;
+    assert_eq!(duplicate.json().unwrap()["data"].as_i64(), Some(created[0]));
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+    // Done now: nothing to resolve; and a key must be one.
+    assert_eq!(admin_call(admin, "POST", &path, "").await.status, 409);
+    assert_eq!(
+        admin_call(admin, "POST", "/keys/abc/resolve", "")
+            .await
+            .status,
+        400
+    );
+    let absent = format!("/keys/{}/resolve", "0".repeat(64));
+    assert_eq!(admin_call(admin, "POST", &absent, "").await.status, 404);
+}
+
+/// With auth on, the operator's query carries the app's credentials: a forged token resolves nothing and
+/// gets the server's refusal; the app's token resolves the key.
+#[tokio::test]
+async fn with_auth_on_an_operator_resolves_only_with_the_apps_token() {
+    let mock = faulty_mock("auth-on", "stall-after-create");
+    let proxy = patient_proxy(&mock);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    let token = app_token(mock.addr("mock")).await;
+    let first = raw(addr, &form_post(RUN_JOB, FORM, &credentials(&token)))
+        .await
+        .unwrap();
+    assert_eq!(first.status, 504, "{}", first.text());
+    let key = the_unknown_key(admin).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let path = format!("/keys/{key}/resolve");
+    let forged = admin_call(admin, "POST", &path, &credentials("forged")).await;
+    assert_eq!(forged.status, 403, "{}", forged.text());
+    let json: Value = forged.json().unwrap();
+    assert_eq!(
+        (json["result"].as_str(), json["state"].as_str()),
+        (Some("refused"), Some("unknown"))
+    );
+    let accepted = admin_call(admin, "POST", &path, &credentials(&token)).await;
+    assert_eq!(accepted.status, 200, "{}", accepted.text());
+    assert_eq!(accepted.json().unwrap()["result"], "done");
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
 }

@@ -654,7 +654,39 @@ async fn unknown_records_are_resolved_once_by_their_owner(store: &AnyStore) {
     assert!(!store.resolve(&nothing, &next, None).await.unwrap());
 }
 
+/// An unknown record keeps its owner's lookup for operators; nobody else's, and a new claim drops it.
+async fn unknown_records_keep_their_owners_lookup(store: &AnyStore) {
+    let info = info(5_000, 60_000);
+    let key = Key::parse(&"53".repeat(32)).unwrap();
+    let token = lead(store, &key, &info).await;
+    assert!(
+        !store.keep_lookup(&key, &token, "{}").await.unwrap(),
+        "in flight: not unknown yet"
+    );
+    assert!(store
+        .mark_unknown(&key, &token, info.window, None)
+        .await
+        .unwrap());
+    assert!(!store.keep_lookup(&key, "someone-else", "{}").await.unwrap());
+    assert_eq!(store.lookup(&key).await.unwrap(), None);
+    let lookup = r#"{"app":1,"job":5}"#;
+    assert!(store.keep_lookup(&key, &token, lookup).await.unwrap());
+    assert_eq!(
+        store.lookup(&key).await.unwrap(),
+        Some((token.clone(), lookup.to_string()))
+    );
+    assert!(store.resolve(&key, &token, None).await.unwrap());
+    let next = lead(store, &key, &info).await;
+    assert_ne!(next, token);
+    assert_eq!(
+        store.lookup(&key).await.unwrap(),
+        None,
+        "a new claim, a new record"
+    );
+}
+
 conformance!(
+    unknown_records_keep_their_owners_lookup,
     unknown_records_are_resolved_once_by_their_owner,
     claim_then_existing,
     fencing,

@@ -13,9 +13,18 @@
 //!   unknown.
 //!
 //! This module holds the pure parts: the lookup a call leaves on its record, the query, and the verdict on
-//! the server's answer. The engine asks ([`crate::guard`]).
+//! the server's answer; and the registry that lets one request of a process ask at a time per key. The engine
+//! asks ([`crate::guard`]).
 
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::store::Key;
 
 /// `SnowFlakeIdGenerator`'s epoch (2019-04-21, in ms): an id's top bits are milliseconds since it.
 const SNOWFLAKE_EPOCH_MS: i64 = 1_555_776_000_000;
@@ -29,18 +38,27 @@ pub const PAGE_SIZE: u64 = 100;
 pub const MAX_PAGES: u64 = 20;
 
 /// What a resolver needs to find a `runJob`'s instance: read from the call's own payload (a duplicate's is
-/// its leader's), with the send window.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// its leader's), with the send window. Kept with an unknown record as JSON (for `POST /keys/{key}/resolve`),
+/// so it holds no parameters, only their digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lookup {
     pub app: i64,
     pub job: i64,
-    /// `instanceParams` as sent; absent ≡ empty.
-    pub params: String,
+    /// The SHA-256 of `instanceParams` as sent (absent ≡ empty), in hex.
+    pub params_sha256: String,
     /// `delay` in ms as the server binds it (absent or empty ≡ 0; negative ≡ 0 for the trigger time).
     pub delay: i64,
+    /// The path before `/openApi/` the call addressed the server with (`powerjob::served_prefix`).
+    #[serde(default)]
+    pub prefix: String,
     /// The leader's send window, wall clock ms: from just before sending to when the call ended.
     pub sent_from: i64,
     pub sent_to: i64,
+}
+
+/// The digest a lookup holds of `instanceParams`.
+pub fn params_digest(params: &str) -> String {
+    crate::store::hex(&Sha256::digest(params.as_bytes()))
 }
 
 impl Lookup {
@@ -96,7 +114,7 @@ impl Lookup {
         let inserted = trigger - self.delay.max(0);
         long("appId") == Some(self.app)
             && long("jobId") == Some(self.job)
-            && params == self.params
+            && params_digest(params) == self.params_sha256
             && (self.sent_from - CLOCK_SKEW_MS..=now_ms + CLOCK_SKEW_MS).contains(&inserted)
     }
 }
@@ -164,6 +182,96 @@ pub fn resolved_answer(id: i64) -> (bytes::Bytes, bytes::Bytes) {
     (bytes::Bytes::from(head), bytes::Bytes::from(body))
 }
 
+/// The instance ids this process's leaders received around a store's loss: a quarantine's lookup reaches
+/// [`CLOCK_SKEW_MS`] past the loss, and an instance created there through runonce belongs to the key that
+/// stored it, not to a forgotten call. Noted only from a loss to twice the skew after it: a handful of ids.
+#[derive(Default)]
+pub struct HandedOut(Mutex<(i64, HashSet<i64>)>);
+
+/// Most ids noted after one loss; beyond, a quarantine's lookup does not trust itself (see [`HandedOut::complete`]).
+const MAX_HANDED_OUT: usize = 100_000;
+
+impl HandedOut {
+    /// Notes the instance id in a leader's answer `body`, when the answer comes at `now_ms` within twice the
+    /// skew after the loss at `lost_ms`.
+    pub fn note(&self, lost_ms: i64, now_ms: i64, body: &[u8]) {
+        if now_ms - lost_ms > 2 * CLOCK_SKEW_MS {
+            return;
+        }
+        let Some(id) = instance_id(body) else {
+            return;
+        };
+        let mut noted = self.lock();
+        if noted.0 != lost_ms {
+            *noted = (lost_ms, HashSet::new());
+        }
+        if noted.1.len() <= MAX_HANDED_OUT {
+            noted.1.insert(id);
+        }
+    }
+
+    /// Whether `id` went to a leader of this process after the loss at `lost_ms`.
+    pub fn contains(&self, lost_ms: i64, id: i64) -> bool {
+        let noted = self.lock();
+        noted.0 == lost_ms && noted.1.contains(&id)
+    }
+
+    /// Whether every id handed out after the loss at `lost_ms` is noted (not over the bound).
+    pub fn complete(&self, lost_ms: i64) -> bool {
+        let noted = self.lock();
+        noted.0 != lost_ms || noted.1.len() <= MAX_HANDED_OUT
+    }
+
+    fn lock(&self) -> MutexGuard<'_, (i64, HashSet<i64>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The `data` of a PowerJob answer when it is an instance id (`runJob`'s).
+fn instance_id(body: &[u8]) -> Option<i64> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    (value.get("success")? == true).then_some(())?;
+    value.get("data")?.as_i64()
+}
+
+/// The resolutions this process runs, by key: one request asks PowerJob, the others that arrive meanwhile
+/// wait for it, then read what it left on the key.
+#[derive(Default)]
+pub struct Resolving(Mutex<HashMap<Key, watch::Sender<()>>>);
+
+/// A turn to ask about a key; the key is free again (and its waiters woken) when it goes.
+pub struct Asking<'a> {
+    resolving: &'a Resolving,
+    key: Key,
+}
+
+impl Resolving {
+    /// `Ok`: this request asks. `Err`: another one of this process asks; the receiver wakes when it is done.
+    pub fn begin(&self, key: &Key) -> Result<Asking<'_>, watch::Receiver<()>> {
+        let mut running = self.lock();
+        if let Some(asking) = running.get(key) {
+            return Err(asking.subscribe());
+        }
+        running.insert(key.clone(), watch::channel(()).0);
+        Ok(Asking {
+            resolving: self,
+            key: key.clone(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, watch::Sender<()>>> {
+        // Inserts and removes only: a panic elsewhere cannot leave the map half-changed.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        // Dropping the sender wakes every receiver.
+        self.resolving.lock().remove(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,7 +282,8 @@ mod tests {
         Lookup {
             app: 1,
             job: 5,
-            params: r#"{"k":"v"}"#.into(),
+            params_sha256: params_digest(r#"{"k":"v"}"#),
+            prefix: String::new(),
             delay: 0,
             sent_from: T0,
             sent_to: T0 + 2_000,
@@ -184,6 +293,40 @@ mod tests {
     fn instance(id_ms: i64, params: Option<&str>, trigger: i64) -> Value {
         json!({"jobId": 5, "appId": 1, "instanceId": id_floor(id_ms) | 7, "instanceParams": params,
                "expectedTriggerTime": trigger})
+    }
+
+    #[test]
+    fn ids_handed_out_around_a_loss_are_noted_and_nothing_else() {
+        let noted = HandedOut::default();
+        let answer = |id: i64| format!(r#"{{"success":true,"data":{id},"message":null}}"#);
+        noted.note(T0, T0 + 100, answer(11).as_bytes());
+        noted.note(T0, T0 + 2 * CLOCK_SKEW_MS + 1, answer(12).as_bytes());
+        noted.note(
+            T0,
+            T0 + 100,
+            br#"{"success":false,"data":13,"message":"x"}"#,
+        );
+        noted.note(T0, T0 + 100, b"<html>");
+        assert!(noted.contains(T0, 11));
+        assert!(!noted.contains(T0, 12), "too long after the loss");
+        assert!(!noted.contains(T0, 13), "not an instance");
+        assert!(!noted.contains(T0 + 1, 11), "another loss");
+        noted.note(T0 + 1, T0 + 100, answer(14).as_bytes());
+        assert!(!noted.contains(T0, 11), "a new loss starts afresh");
+        assert!(noted.contains(T0 + 1, 14));
+        assert!(noted.complete(T0 + 1));
+    }
+
+    #[tokio::test]
+    async fn one_request_asks_at_a_time_and_the_others_wake_when_it_is_done() {
+        let resolving = Resolving::default();
+        let key = Key::from_digest(&[7; 32]);
+        let asking = resolving.begin(&key).ok().unwrap();
+        let mut waiter = resolving.begin(&key).err().unwrap();
+        assert!(resolving.begin(&Key::from_digest(&[8; 32])).is_ok());
+        drop(asking);
+        assert!(waiter.changed().await.is_err(), "woken by the turn's end");
+        assert!(resolving.begin(&key).is_ok(), "the key is free again");
     }
 
     #[test]
@@ -224,7 +367,7 @@ mod tests {
         );
         // Absent params equal empty ones; a delay moves the trigger time, not the insert time.
         let delayed = Lookup {
-            params: String::new(),
+            params_sha256: params_digest(""),
             delay: 60_000,
             ..lookup()
         };

@@ -33,6 +33,8 @@ pub struct MemoryStore {
     /// When each client last called `/authApp`, and until when that is remembered (see `Store::note_auth`).
     /// A lock of its own: it is used on another path than the records.
     auth_calls: Mutex<HashMap<String, (Instant, Instant)>>,
+    /// When it started (wall clock ms): it lost whatever a predecessor held then (see `store::epoch`).
+    started_ms: i64,
 }
 
 /// Most clients whose `/authApp` calls are remembered at once.
@@ -63,6 +65,8 @@ struct Entry {
     settled_at: Option<Instant>,
     /// A duplicate found it in flight (and so waits, or waited, for it to settle).
     waited_on: bool,
+    /// What a resolver looks for, kept with an unknown record (see `Store::keep_lookup`).
+    lookup: Option<Arc<str>>,
     expires_at: Instant,
     /// Woken on every change of this record.
     notify: Arc<Notify>,
@@ -83,7 +87,15 @@ impl MemoryStore {
             max_keys: max_keys.max(1),
             linger,
             auth_calls: Mutex::default(),
+            started_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_millis() as i64),
         }
+    }
+
+    /// When this store started, empty (wall clock ms).
+    pub fn started_ms(&self) -> i64 {
+        self.started_ms
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -138,6 +150,7 @@ impl MemoryStore {
                 created: now,
                 settled_at: None,
                 waited_on: false,
+                lookup: None,
                 expires_at,
                 notify: Arc::new(Notify::new()),
             },
@@ -314,6 +327,29 @@ impl Store for MemoryStore {
             }
         }
         Ok(true)
+    }
+
+    async fn keep_lookup(&self, key: &Key, owner: &str, lookup: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        Ok(match inner.entries.get_mut(key) {
+            Some(entry)
+                if entry.owner == owner
+                    && (matches!(entry.phase, Phase::Unknown) || entry.lease_ran_out(now)) =>
+            {
+                entry.lookup = Some(Arc::from(lookup));
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
+        let inner = self.lock();
+        Ok(inner.entries.get(key).and_then(|entry| {
+            let lookup = entry.lookup.as_deref()?;
+            Some((entry.owner.clone(), lookup.to_string()))
+        }))
     }
 
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {

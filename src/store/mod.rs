@@ -20,6 +20,7 @@
 //! Implementations: [`memory`] (one process, bounded, TTL) and [`redis`] (shared by replicas; Lua scripts on
 //! one hash per key in one hash slot). [`Store`] picks one by configuration; both have the same methods.
 
+pub mod epoch;
 pub mod memory;
 pub mod redis;
 
@@ -273,6 +274,22 @@ pub trait Store: Send + Sync {
         answer: Option<&Stored>,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
+    /// Keeps `lookup` (what a resolver looks for, as JSON: see `guard::resolve`) with the `Unknown` record
+    /// created by `owner`, for an operator to have it resolved by key. `false` when the record is no longer
+    /// that unknown one.
+    fn keep_lookup(
+        &self,
+        key: &Key,
+        owner: &str,
+        lookup: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// The lookup kept with the record of `key`, and the record's owner.
+    fn lookup(
+        &self,
+        key: &Key,
+    ) -> impl Future<Output = Result<Option<(String, String)>, StoreError>> + Send;
+
     /// A duplicate was told to retry while the call ran: whoever answers it later must replay (see
     /// [`Record::owed`]). `false` when there is no record.
     fn mark_owed(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
@@ -390,6 +407,14 @@ impl Store for AnyStore {
         each!(self, s => s.resolve(key, owner, answer).await)
     }
 
+    async fn keep_lookup(&self, key: &Key, owner: &str, lookup: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.keep_lookup(key, owner, lookup).await)
+    }
+
+    async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
+        each!(self, s => s.lookup(key).await)
+    }
+
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {
         each!(self, s => s.mark_owed(key).await)
     }
@@ -423,13 +448,28 @@ impl Store for AnyStore {
     }
 }
 
+impl AnyStore {
+    /// When the store was last found to have lost its records (wall clock ms; see [`epoch`]). A memory store
+    /// lost them when it started: whatever a predecessor of this process held is gone.
+    pub fn lost_at(&self) -> Option<i64> {
+        match self {
+            AnyStore::Memory(s) => Some(s.started_ms()),
+            AnyStore::Redis(s) => s.losses().last(),
+        }
+    }
+}
+
 /// The store `settings.store` names. Redis being down is not an error here: the store reconnects by itself.
 pub async fn open(settings: &crate::config::Settings) -> Result<AnyStore, StoreError> {
     use crate::config::StoreUrl;
     match &settings.store {
-        StoreUrl::Memory => Ok(AnyStore::Memory(std::sync::Arc::new(
-            memory::MemoryStore::new(settings.memory_max_keys.0, settings.wait_timeout.0),
-        ))),
+        StoreUrl::Memory => {
+            crate::metrics::get().store_losses.inc();
+            tracing::info!("the memory store starts empty: for one window, a new runJob leader asks PowerJob before sending (quarantine)");
+            Ok(AnyStore::Memory(std::sync::Arc::new(
+                memory::MemoryStore::new(settings.memory_max_keys.0, settings.wait_timeout.0),
+            )))
+        }
         StoreUrl::Redis(url) => Ok(AnyStore::Redis(
             redis::RedisStore::connect(url, settings.store_timeout.0).await?,
         )),

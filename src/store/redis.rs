@@ -81,6 +81,7 @@ use tokio::time::Instant;
 
 use crate::workers;
 
+use super::epoch::{self, Losses, Marks};
 use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
 
 /// Time-outs in a row on one connection after which it is replaced by a new one.
@@ -93,6 +94,9 @@ const CHANNEL_PATTERN: &str = "runonce:{*}:changed";
 
 /// How often the listener checks its connection with a `PING` (a dead one would never say so).
 const LISTENER_PING_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the watcher compares Redis with what it showed before (see `store::epoch`).
+const EPOCH_CHECK_EVERY: Duration = Duration::from_secs(1);
 
 /// Shortest and longest pause between the listener's connection attempts.
 const LISTENER_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
@@ -111,8 +115,12 @@ struct Inner {
     shared: RwLock<Arc<Line>>,
     op_timeout: Duration,
     waiters: Arc<Registry>,
+    /// When the watcher last found Redis to have lost its records.
+    losses: Arc<Losses>,
     /// The listener task, stopped when the last clone of the store goes.
     _listener: AbortOnDrop,
+    /// The watcher task (see `store::epoch`), likewise.
+    _watcher: AbortOnDrop,
 }
 
 /// What the shared connection is made from.
@@ -194,6 +202,11 @@ impl RedisStore {
             .map_err(|e| invalid(e.to_string()))?;
         let waiters = Arc::new(Registry::default());
         let listener = tokio::spawn(listen(nodes, Arc::clone(&waiters), op_timeout));
+        let losses = Arc::new(Losses::default());
+        let watched = target
+            .open(op_timeout)
+            .map_err(|e| invalid(e.to_string()))?;
+        let watcher = tokio::spawn(watch(watched, Arc::clone(&losses), op_timeout));
         let store = RedisStore {
             inner: Arc::new(Inner {
                 id: NEXT_STORE_ID.fetch_add(1, Ordering::Relaxed),
@@ -201,7 +214,9 @@ impl RedisStore {
                 shared: RwLock::new(Line::new(conn)),
                 op_timeout,
                 waiters,
+                losses,
                 _listener: AbortOnDrop(listener),
+                _watcher: AbortOnDrop(watcher),
             }),
         };
         // Start connecting now rather than on the first request; the outcome does not matter here.
@@ -218,6 +233,11 @@ impl RedisStore {
     /// Whether the listener is subscribed right now (else waiters only poll). For readiness and metrics.
     pub fn listening(&self) -> bool {
         self.inner.waiters.listening.load(Ordering::Relaxed)
+    }
+
+    /// When Redis was last found to have lost its records.
+    pub fn losses(&self) -> &Losses {
+        &self.inner.losses
     }
 
     /// How many keys have a waiter right now (the registry's size).
@@ -377,20 +397,10 @@ impl RedisStore {
             )
             .await?;
         let nodes = text(Some(&value)).ok_or_else(|| unexpected("list", &value))?;
-        let masters = nodes
-            .lines()
-            .filter_map(|line| {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                let flags = fields.get(2)?;
-                if !flags.split(',').any(|f| f == "master") || flags.contains("fail") {
-                    return None;
-                }
-                // `ip:port@cport[,hostname]`
-                let address = fields.get(1)?.split(['@', ',']).next()?;
-                let (host, port) = address.rsplit_once(':')?;
-                Some((host.to_string(), port.parse().ok()?))
-            })
-            .collect::<Vec<_>>();
+        let masters: Vec<(String, u16)> = epoch::masters(nodes)
+            .into_iter()
+            .map(|master| (master.host, master.port))
+            .collect();
         if masters.is_empty() {
             return Err(unexpected("list", &value));
         }
@@ -598,6 +608,24 @@ impl Store for RedisStore {
         let script = &scripts().resolve;
         self.settle("resolve", script, key, owner, super::RELEASED_KEEP, answer)
             .await
+    }
+
+    async fn keep_lookup(&self, key: &Key, owner: &str, lookup: &str) -> Result<bool, StoreError> {
+        let args: [&[u8]; 2] = [owner.as_bytes(), lookup.as_bytes()];
+        self.change("keep_lookup", &scripts().keep_lookup, key, &args)
+            .await
+    }
+
+    async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
+        let value = self.eval("lookup", &scripts().lookup, key, &[]).await?;
+        match &value {
+            Value::Nil | Value::Boolean(false) => Ok(None),
+            Value::Array(items) => match (text(items.first()), text(items.get(1))) {
+                (Some(owner), Some(lookup)) => Ok(Some((owner.to_string(), lookup.to_string()))),
+                _ => Err(unexpected("lookup", &value)),
+            },
+            _ => Err(unexpected("lookup", &value)),
+        }
     }
 
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {
@@ -885,6 +913,8 @@ struct Scripts {
     get: Script,
     purge: Script,
     in_flight: Script,
+    keep_lookup: Script,
+    lookup: Script,
 }
 
 fn scripts() -> &'static Scripts {
@@ -909,6 +939,8 @@ fn scripts() -> &'static Scripts {
         get: script!("lua/get.lua"),
         purge: script!("lua/purge.lua"),
         in_flight: script!("lua/in_flight.lua"),
+        keep_lookup: script!("lua/keep_lookup.lua"),
+        lookup: script!("lua/lookup.lua"),
     })
 }
 
@@ -1120,6 +1152,91 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The watcher (see `store::epoch`): every [`EPOCH_CHECK_EVERY`], each master's marks against the ones it
+/// showed before; a change is a loss. A check that fails (Redis away) is skipped: the next one that answers
+/// tells what Redis came back with.
+async fn watch(mut conn: Conn, losses: Arc<Losses>, op_timeout: Duration) {
+    // By marker name: after a Cluster failover, the master now serving a marker's slots is compared with the
+    // one that served them before.
+    let mut seen: HashMap<String, Marks> = HashMap::new();
+    let mut every = tokio::time::interval(EPOCH_CHECK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Ok(Ok(nodes)) = tokio::time::timeout(op_timeout, markers(&mut conn)).await else {
+            continue;
+        };
+        let mut why = None;
+        for (node, marker) in nodes {
+            let read = tokio::time::timeout(op_timeout, read_marks(&mut conn, node, &marker)).await;
+            let Ok(Ok(marks)) = read else {
+                continue;
+            };
+            why = why.or(epoch::lost(seen.get(&marker), &marks));
+            seen.insert(marker, marks);
+        }
+        if let Some(why) = why {
+            losses.found(why);
+        }
+    }
+}
+
+/// The nodes to check and each one's marker: the standalone server, or every Cluster master.
+async fn markers(conn: &mut Conn) -> redis::RedisResult<Vec<(Option<(String, u16)>, String)>> {
+    let Conn::Cluster(cluster) = conn else {
+        return Ok(vec![(None, epoch::MARKER.to_string())]);
+    };
+    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+    let value = cluster
+        .route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing)
+        .await?;
+    let nodes = text(Some(&value)).unwrap_or_default();
+    Ok(epoch::masters(nodes)
+        .into_iter()
+        .filter_map(|m| Some((Some((m.host, m.port)), epoch::marker_for(&m.slots)?)))
+        .collect())
+}
+
+/// One master's marks: its epoch marker (written when missing), run id and replication id.
+async fn read_marks(
+    conn: &mut Conn,
+    node: Option<(String, u16)>,
+    marker: &str,
+) -> redis::RedisResult<Marks> {
+    // Plain commands, not a script: the request path's scripts stay the only ones Redis runs.
+    let fresh = new_token();
+    let set = redis::cmd("SET").arg(marker).arg(&fresh).arg("NX").clone();
+    let written = matches!(conn.query(&set).await?, Value::Okay);
+    let epoch = if written {
+        fresh
+    } else {
+        let value = conn.query(redis::cmd("GET").arg(marker)).await?;
+        text(Some(&value)).unwrap_or_default().to_string()
+    };
+    let info = |section: &'static str| {
+        let node = node.clone();
+        let mut conn = conn.clone();
+        async move {
+            let value = conn
+                .routed(redis::cmd("INFO").arg(section).clone(), node)
+                .await?;
+            Ok::<_, redis::RedisError>(text(Some(&value)).unwrap_or_default().to_string())
+        }
+    };
+    let server = info("server").await?;
+    let replication = info("replication").await?;
+    Ok(Marks {
+        epoch,
+        written,
+        run_id: epoch::info_field(&server, "run_id")
+            .unwrap_or_default()
+            .to_string(),
+        replication_id: epoch::info_field(&replication, "master_replid")
+            .unwrap_or_default()
+            .to_string(),
+    })
 }
 
 /// The listener: one subscribed connection at a time, to the seed nodes in turn, for as long as the store lives.

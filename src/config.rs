@@ -315,20 +315,6 @@ impl Settings {
         if let Some((key, value)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::new(*key, value, "must be greater than zero"));
         }
-        // Durations are added to clock readings; a year is more than any of them needs, and cannot overflow.
-        let year = Duration::from_secs(365 * 24 * 3600);
-        let durations = [
-            ("window", self.window),
-            ("idempotency_key_window", self.idempotency_key_window),
-            ("wait_timeout", self.wait_timeout),
-            ("lease", self.lease),
-            ("store_timeout", self.store_timeout),
-            ("upstream_timeout", self.upstream_timeout),
-            ("drain_timeout", self.drain_timeout),
-        ];
-        if let Some((key, value)) = durations.iter().find(|(_, d)| d.0 > year) {
-            return Err(ConfigError::new(*key, value, "must be at most 365 days"));
-        }
         // A leader's whole call is bounded by upstream_timeout; a duplicate waiting for it must see its end,
         // or it is told 409 while the call may still succeed.
         if self.wait_timeout.0 < self.upstream_timeout.0 {
@@ -851,18 +837,22 @@ impl Dur {
     }
 }
 
+/// The longest duration any setting takes. Durations are added to clock readings: a year is more than any of
+/// them needs, and cannot overflow one. Bounded here, where every duration is parsed.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        match NumOrText::deserialize(d)? {
-            NumOrText::Num(secs) => Ok(Dur(Duration::from_secs(secs))),
-            NumOrText::Text(text) => {
-                humantime::parse_duration(text.trim())
-                    .map(Dur)
-                    .map_err(|err| {
-                        serde::de::Error::custom(format!("{err} (write e.g. 500ms, 10s, 2m)"))
-                    })
-            }
+        let duration = match NumOrText::deserialize(d)? {
+            NumOrText::Num(secs) => Duration::from_secs(secs),
+            NumOrText::Text(text) => humantime::parse_duration(text.trim()).map_err(|err| {
+                serde::de::Error::custom(format!("{err} (write e.g. 500ms, 10s, 2m)"))
+            })?,
+        };
+        if duration > MAX_DURATION {
+            return Err(serde::de::Error::custom("must be at most 365 days"));
         }
+        Ok(Dur(duration))
     }
 }
 
@@ -1114,8 +1104,39 @@ mod tests {
         assert!(e.reason.contains("twice store_timeout"), "{e}");
         assert!(load(&["--lease", "1s", "--store-timeout", "500ms"]).is_ok());
         let e = load(&["--window", "400days"]).unwrap_err();
-        assert_eq!(e.key, "window");
+        assert_eq!(e.key, "--window", "named as the user wrote it");
         assert!(load(&["--idempotency-key-window", "30days"]).is_ok());
+    }
+
+    /// Every duration is bounded where it is parsed: one that validated used to panic the first connection's
+    /// worker when added to a clock reading.
+    #[test]
+    fn every_duration_is_bounded_where_it_is_parsed() {
+        let load = |args: &[&str]| {
+            let mut all = vec!["--upstream", "http://a:1"];
+            all.extend_from_slice(args);
+            Settings::load(None, env(&[]), &flags(&all))
+        };
+        for key in [
+            "header-read-timeout",
+            "connect-timeout",
+            "upstream-idle-timeout",
+            "body-read-timeout",
+            "delivery-grace",
+            "resolve-after",
+        ] {
+            let e = load(&[&format!("--{key}"), "300000000000years"]).unwrap_err();
+            assert_eq!(e.key, format!("--{key}"), "{e}");
+            assert!(e.reason.contains("365 days"), "{key}: {e}");
+        }
+        let text = "upstreams = [\"http://a:1\"]\n[routes.runJob]\nwindow = \"400days\"\n";
+        let dir = std::env::temp_dir().join(format!("runonce-dur-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("runonce.toml");
+        std::fs::write(&path, text).unwrap();
+        let e = Settings::load(Some(&path), env(&[]), &Flags::default()).unwrap_err();
+        assert!(e.to_string().contains("365 days"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

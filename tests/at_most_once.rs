@@ -487,6 +487,16 @@ async fn the_whole_leader_call_is_bounded_by_upstream_timeout() {
         took < Duration::from_millis(2500),
         "bounded by one upstream_timeout (1.5 s), took {took:?}"
     );
+    // The message names the upstream that stalled, once.
+    let message = answer.json().unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        message.contains(&format!("upstream http://{stalling}")),
+        "{message}"
+    );
+    assert!(!message.contains("upstream upstream"), "{message}");
 }
 
 #[tokio::test]

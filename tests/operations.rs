@@ -434,8 +434,12 @@ async fn a_leader_slower_than_the_drain_timeout_is_cut_off_and_its_key_reads_unk
         .await
         .unwrap()
         .expect("an answer before the process exits");
-    assert_eq!(answer.status, 502, "{}", answer.text());
-    assert_eq!(answer.json().unwrap()["success"], false);
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    let json = answer.json().unwrap();
+    assert_eq!(json["success"], false);
+    // runonce's own shutdown, not an upstream named `runonce`.
+    assert_eq!(json["code"], "RUNONCE_SHUTTING_DOWN", "{json}");
+    assert!(!answer.text().contains("upstream runonce"), "{json}");
     assert_eq!(hget(&redis, &key, "state"), "unknown");
 
     // Another replica on the same store never sends it again.

@@ -307,8 +307,7 @@ impl Guard {
             (answer, seen)
         });
         let (answer, seen) = decided.await.unwrap_or_else(|err| {
-            let broken = ProxyError::Broken {
-                upstream: "runonce".into(),
+            let broken = ProxyError::Internal {
                 cause: format!("the guarded request's task failed: {err}"),
             };
             (Err(broken), Seen::default())
@@ -1042,10 +1041,7 @@ impl Guard {
             led = self.send_unless_recalled(store, call, parts, body) => led,
             () = renew => unreachable!("renewal never ends"),
             // The request may have reached the server: the key turns unknown below, never re-sent.
-            () = self.cut_off.cancelled() => Err(ProxyError::Broken {
-                upstream: "runonce".into(),
-                cause: "shutting down: drain_timeout ran out before the upstream answered".into(),
-            }),
+            () = self.cut_off.cancelled() => Err(ProxyError::ShuttingDown),
         };
         let took = started.elapsed();
         seen.upstream = Some(took);
@@ -1279,8 +1275,7 @@ impl Guard {
                         },
                         Some(head),
                     )),
-                    Err(err) => Err(ProxyError::Broken {
-                        upstream: "runonce".into(),
+                    Err(err) => Err(ProxyError::Internal {
                         cause: format!("the resolved answer's head does not parse: {err}"),
                     }),
                 };
@@ -1318,6 +1313,13 @@ impl Guard {
         recalled
     }
 
+    /// The server requests go to first (the one that answered last): named in the errors of a call that
+    /// reached it. Read only on a failure.
+    fn current_upstream(&self) -> String {
+        let (current, _) = self.upstreams.order();
+        self.upstreams.url(current).to_string()
+    }
+
     async fn call_upstream_capturing(
         &self,
         parts: request::Parts,
@@ -1329,7 +1331,7 @@ impl Guard {
             .await
             .unwrap_or_else(|_| {
                 Err(ProxyError::Timeout {
-                    upstream: "upstream answer".into(),
+                    upstream: self.current_upstream(),
                     timeout,
                 })
             })
@@ -1354,19 +1356,18 @@ impl Guard {
             .await?;
         let (mut parts, incoming) = response.into_parts();
         headers::remove_hop_by_hop(&mut parts.headers);
-        let upstream = "upstream answer";
         let body = tokio::time::timeout(
             self.upstreams.response_timeout(),
             Limited::new(incoming, MAX_ANSWER).collect(),
         )
         .await
         .map_err(|_| ProxyError::Timeout {
-            upstream: upstream.into(),
+            upstream: self.current_upstream(),
             timeout: self.upstreams.response_timeout(),
         })?
         .map_err(|err| ProxyError::Broken {
-            upstream: upstream.into(),
-            cause: err.to_string(),
+            upstream: self.current_upstream(),
+            cause: format!("reading its answer: {err}"),
         })?
         .to_bytes();
         Ok((

@@ -62,6 +62,14 @@ pub enum ProxyError {
     /// `guard::auth`): the stored answer is not replayed, and nothing was created.
     #[error("the stored answer is not replayed: the server could not confirm this request's token ({cause})")]
     AuthUnverified { cause: String },
+    /// runonce is shutting down and `drain_timeout` ran out while a leader waited for its upstream: the
+    /// request may have reached the server, and is never sent again.
+    #[error("runonce is shutting down: drain_timeout ran out before the upstream answered; the request may have reached the server and is not re-sent")]
+    ShuttingDown,
+    /// A failure inside runonce (a task that panicked, an answer it could not rebuild). Whether the request
+    /// reached the server is not known: it is never sent again.
+    #[error("runonce failed inside ({cause}); the request may have reached the server and is not re-sent")]
+    Internal { cause: String },
     /// Refused by runonce's own access control (`allow_networks`, `allow_apps`, `shared_secret`): nothing was
     /// forwarded. `reason` never holds a secret.
     #[error("access denied: {reason}")]
@@ -87,6 +95,8 @@ impl ProxyError {
             ProxyError::StoreUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::AuthUnverified { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ProxyError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -110,6 +120,8 @@ impl ProxyError {
             ProxyError::StoreUnavailable { .. } => "RUNONCE_STORE_UNAVAILABLE",
             ProxyError::AuthUnverified { .. } => "RUNONCE_AUTH_UNVERIFIED",
             ProxyError::Forbidden { code, .. } => code,
+            ProxyError::ShuttingDown => "RUNONCE_SHUTTING_DOWN",
+            ProxyError::Internal { .. } => "RUNONCE_INTERNAL",
         }
     }
 
@@ -126,7 +138,13 @@ impl ProxyError {
 
     /// Whether the request may have reached a server (and so may have had an effect there).
     pub fn sent(&self) -> bool {
-        matches!(self, ProxyError::Timeout { .. } | ProxyError::Broken { .. })
+        matches!(
+            self,
+            ProxyError::Timeout { .. }
+                | ProxyError::Broken { .. }
+                | ProxyError::ShuttingDown
+                | ProxyError::Internal { .. }
+        )
     }
 }
 
@@ -208,5 +226,14 @@ mod tests {
             cause: "reset".into()
         }
         .sent());
+        // runonce's own failures may come after sending: never re-sent, and not blamed on an upstream.
+        assert!(ProxyError::ShuttingDown.sent());
+        assert_eq!(ProxyError::ShuttingDown.status(), 503);
+        let internal = ProxyError::Internal {
+            cause: "task failed".into(),
+        };
+        assert!(internal.sent());
+        assert_eq!(internal.status(), 500);
+        assert!(!internal.to_string().contains("upstream"), "{internal}");
     }
 }

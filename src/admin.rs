@@ -30,9 +30,10 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 
 use crate::config::{Secret, Settings};
 use crate::proxy::Proxy;
@@ -53,6 +54,8 @@ pub struct Admin {
     /// Operator endpoints answer without a token: none is set and the listener is on loopback.
     open_without_token: bool,
     reloader: Option<Arc<Reloader>>,
+    /// The proxy's `header_read_timeout`, for the admin listener too.
+    header_read_timeout: std::time::Duration,
 }
 
 impl Admin {
@@ -79,13 +82,28 @@ impl Admin {
             token,
             open_without_token: token.is_none() && loopback,
             reloader,
+            header_read_timeout: settings.header_read_timeout.0,
         }
     }
 }
 
-/// Serves admin requests until the task is dropped (the server ends it after the drain).
+/// Most admin connections served at once; the next one is accepted when one of them ends. Probes, scrapes
+/// and an operator's calls need a handful.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Serves admin requests until the task is dropped (the server ends it after the drain). The proxy's edge
+/// limits hold here too: at most [`MAX_CONNECTIONS`] at once, and a head must arrive within
+/// `header_read_timeout` (hyper has no read timeout without a timer).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(admin.header_read_timeout);
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let permit = match Arc::clone(&permits).acquire_owned().await {
+            Ok(permit) => permit,
+            Err(_) => return,
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(err) => {
@@ -94,15 +112,14 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 continue;
             }
         };
-        let admin = Arc::clone(&admin);
+        let (admin, http) = (Arc::clone(&admin), http.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let admin = Arc::clone(&admin);
                 async move { Ok::<_, std::convert::Infallible>(answer(request, &admin).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+            drop(permit);
         });
     }
 }

@@ -161,3 +161,31 @@ async fn without_a_token_a_non_loopback_admin_listener_refuses_the_key_api() {
     assert_eq!(admin_call(admin, "GET", "/healthz", "").await.status, 200);
     assert_eq!(admin_call(admin, "GET", "/metrics", "").await.status, 200);
 }
+
+/// The admin listener holds the proxy's edge limits: a head must arrive within `header_read_timeout`, so
+/// half-sent requests do not hold their sockets forever (hyper has no read timeout without a timer).
+#[tokio::test]
+async fn the_admin_listener_cuts_off_heads_that_never_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = upstream().await;
+    let proxy = proxy(&[upstream.url()], &["--header-read-timeout", "1s"]);
+    let admin = proxy.addr("admin");
+    let mut dripping = Vec::new();
+    for _ in 0..100 {
+        let mut conn = tokio::net::TcpStream::connect(admin).await.unwrap();
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n")
+            .await
+            .unwrap();
+        dripping.push(conn);
+    }
+    for (i, conn) in dripping.iter_mut().enumerate() {
+        let mut buf = [0u8; 256];
+        let closed =
+            tokio::time::timeout(std::time::Duration::from_secs(5), conn.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(_)) | Ok(Err(_))),
+            "connection {i} still open 5 s after a 1 s header_read_timeout"
+        );
+    }
+    assert_eq!(get(admin, "/healthz").await.0, 200);
+}

@@ -254,3 +254,23 @@ fn check_config_never_prints_the_secret() {
     assert!(printed.contains("\"10.0.0.0/8\""), "{printed}");
     assert!(printed.contains("allow_apps = [1, 7]"), "{printed}");
 }
+
+/// Spring binds a multipart body's parts as request parameters: with `allow_apps` on, a multipart
+/// `/openApi/**` request is refused (415), so an app named only in a part never reaches the server.
+#[tokio::test]
+async fn allow_apps_refuses_multipart_bodies_it_does_not_read() {
+    let mock = mock("v5.1.1-auth-off", 0);
+    let proxy = proxy(&[url(mock.addr("mock"))], &["--allow-app", "1"]);
+    let body = "--b\r\nContent-Disposition: form-data; name=\"appId\"\r\n\r\n2\r\n--b\r\nContent-Disposition: form-data; name=\"jobId\"\r\n\r\n5\r\n--b--\r\n";
+    let request = format!(
+        "POST /openApi/deleteJob HTTP/1.1\r\nHost: test\r\nX-POWERJOB-APP-ID: 1\r\nContent-Type: multipart/form-data; boundary=b\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = send(proxy.addr("proxy"), request.into_bytes()).await;
+    assert_eq!(answer.status, 415, "{}", answer.text());
+    assert_eq!(
+        answer.json().unwrap()["code"],
+        "RUNONCE_UNSUPPORTED_MEDIA_TYPE"
+    );
+    assert_eq!(requests_to(&mock, "/openApi/deleteJob").await, 0);
+}

@@ -163,6 +163,22 @@ impl Access {
         if !self.reads_body(scope) {
             return Ok(());
         }
+        // Spring binds a multipart body's parts as request parameters (`appId` among them); this rule does
+        // not read multipart, so such a request is refused rather than let through unread.
+        let multipart = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|kind| {
+                kind.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("multipart/")
+            });
+        if multipart {
+            return Err(ProxyError::UnsupportedMediaType {
+                reason: "allow_apps is set and the body is multipart, whose parts the server reads as request parameters; send a form or JSON".into(),
+            });
+        }
         let named = named_apps(parts, body);
         if named.is_empty() {
             return Err(forbidden(
@@ -390,6 +406,18 @@ mod tests {
             no
         );
         assert_eq!(check("/openApi/saveJob", &[JSON], "not json"), no);
+        // Spring binds a multipart body's parts as request parameters: unread here, so refused.
+        let multipart = ("content-type", "multipart/form-data; boundary=b");
+        let parts_body =
+            "--b\r\nContent-Disposition: form-data; name=\"appId\"\r\n\r\n2\r\n--b--\r\n";
+        assert_eq!(
+            check(
+                "/openApi/deleteJob",
+                &[multipart, ("X-POWERJOB-APP-ID", "1")],
+                parts_body
+            ),
+            "RUNONCE_UNSUPPORTED_MEDIA_TYPE"
+        );
         // Logins name the app by name; paths outside /openApi/** are not this rule's.
         assert_eq!(
             check("/openApi/authApp", &[JSON], r#"{"appName":"a"}"#),

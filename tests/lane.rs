@@ -355,3 +355,45 @@ async fn with_no_idle_upstream_connections_allowed_each_request_opens_one() {
     }
     assert_eq!(upstream.connections(), 3);
 }
+
+/// An upstream's `Connection` header may name `Content-Length` or `Transfer-Encoding`: the message still needs
+/// its framing. Both paths frame the body the client receives, and the kept-alive connection carries the next
+/// answer as an answer, not as more body.
+#[tokio::test]
+async fn framing_headers_named_in_connection_still_frame_the_answer() {
+    for lane in LANES {
+        let upstream = RawUpstream::start(|request| {
+            let request = String::from_utf8_lossy(request);
+            if request.starts_with("GET /named-length") {
+                Script::Answer(
+                    b"HTTP/1.1 200 OK\r\nConnection: Content-Length\r\nContent-Length: 5\r\n\r\nhello"
+                        .to_vec(),
+                )
+            } else if request.starts_with("GET /named-chunked") {
+                Script::Answer(
+                    b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                        .to_vec(),
+                )
+            } else {
+                Script::Answer(echo_path(request.as_bytes()))
+            }
+        })
+        .await;
+        let proxy = proxy(&[upstream.url()], &["--fast-lane", lane]);
+        for path in ["/named-length", "/named-chunked"] {
+            let mut client = TcpStream::connect(proxy.addr("proxy")).await.unwrap();
+            client.write_all(get(path).as_bytes()).await.unwrap();
+            let response = tokio::time::timeout(STEP, read_response(&mut client))
+                .await
+                .unwrap_or_else(|_| panic!("lane {lane} {path}: the answer has no end"))
+                .unwrap();
+            assert_eq!(response.text(), "hello", "lane {lane} {path}");
+            client.write_all(get("/next").as_bytes()).await.unwrap();
+            let next = tokio::time::timeout(STEP, read_response(&mut client))
+                .await
+                .unwrap_or_else(|_| panic!("lane {lane} {path}: no next answer"))
+                .unwrap();
+            assert_eq!(next.text(), "/next", "lane {lane} {path}");
+        }
+    }
+}

@@ -497,11 +497,19 @@ impl Conn<'_> {
             // A length beside chunked framing (or a close-delimited body) would mislead the client.
             let stale_length = matches!(framing, Framing::Chunked | Framing::Close)
                 && header.name.eq_ignore_ascii_case("content-length");
+            // The body goes out framed as it came: `Content-Length` and `Transfer-Encoding` stay whatever
+            // `Connection` names (dropping them would leave a kept-alive client reading the next answer as
+            // this one's body); `framing` decided which of them describes it.
+            let framing_header = || {
+                header.name.eq_ignore_ascii_case("content-length")
+                    || header.name.eq_ignore_ascii_case("transfer-encoding")
+            };
             if stale_length
                 || is_hop_by_hop(header.name)
-                || named
+                || (named
                     .iter()
                     .any(|n| n.eq_ignore_ascii_case(header.name.as_bytes()))
+                    && !framing_header())
             {
                 continue;
             }

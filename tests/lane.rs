@@ -397,3 +397,45 @@ async fn framing_headers_named_in_connection_still_frame_the_answer() {
         }
     }
 }
+
+/// The auth-header repair is one rule on both paths, whatever the size of the answer's head: a 70 KB head
+/// (beyond the tap's old 64 KiB, within hyper's own limit) is repaired on the lane and on hyper's path alike.
+#[tokio::test]
+async fn a_large_answer_head_is_repaired_on_both_paths() {
+    use tokio::io::AsyncReadExt;
+    for lane in LANES {
+        let upstream = RawUpstream::start(|_| {
+            let pad = "p".repeat(70 * 1024);
+            let body = r#"{"success":true,"data":1,"message":null}"#;
+            Script::Answer(
+                format!(
+                    "HTTP/1.1 200 OK\r\nX-Pad: {pad}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes(),
+            )
+        })
+        .await;
+        let proxy = proxy(&[upstream.url()], &["--fast-lane", lane]);
+        let mut client = TcpStream::connect(proxy.addr("proxy")).await.unwrap();
+        let request = "GET /openApi/fetchInstanceStatus?instanceId=1 HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        client.write_all(request.as_bytes()).await.unwrap();
+        // rawhttp refuses heads over 64 KiB: read the whole answer as bytes.
+        let mut answer = Vec::new();
+        tokio::time::timeout(STEP, client.read_to_end(&mut answer))
+            .await
+            .expect("the answer in time")
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        let head = &text[..text.find("\r\n\r\n").expect("a whole head")];
+        assert!(
+            head.starts_with("HTTP/1.1 200"),
+            "lane {lane}: {}",
+            &head[..40]
+        );
+        assert!(
+            head.contains("\r\nX-POWERJOB-AUTH-PASSED: true"),
+            "lane {lane}: the head has no repaired auth header"
+        );
+    }
+}

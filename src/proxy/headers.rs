@@ -25,6 +25,13 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
 ];
 
+/// The largest answer head runonce reads, on every path: hyper's client refuses larger ones (its buffer
+/// limit, 8 KiB + 100 × 4 KiB), so the lane and the tap stop there too, and the header rules (the auth-header
+/// repair among them) hold for every head that gets through.
+pub const MAX_ANSWER_HEAD: usize = 400 * 1024;
+/// The most headers an answer head may have: hyper's client's limit.
+pub const MAX_ANSWER_HEADERS: usize = 100;
+
 /// Whether `name` is one of [`HOP_BY_HOP`] (`Connection` included), in any case: for heads read as bytes.
 pub fn is_hop_by_hop(name: &str) -> bool {
     HOP_BY_HOP

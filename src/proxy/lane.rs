@@ -44,7 +44,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::error::{rescue, ProxyError};
-use super::headers::is_hop_by_hop;
+use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::tap::{self, Fix};
 use super::Proxy;
 use crate::config::AuthHeader;
@@ -60,8 +60,6 @@ pub enum Exit {
 
 /// Header slots for one head (hyper's server keeps as many); a request with more goes to hyper.
 const MAX_HEADERS: usize = 100;
-/// Largest upstream answer head the lane reads (about hyper's client read buffer limit); a larger one is a 502.
-const MAX_ANSWER_HEAD: usize = 400 * 1024;
 /// Read size for bodies and heads.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -477,7 +475,7 @@ impl Conn<'_> {
             .upstream_passthrough
             .observe(started.elapsed().as_secs_f64());
         // The client's head: the upstream's, minus hop-by-hop headers, repaired.
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
         let mut head = httparse::Response::new(&mut slots);
         head.parse(&up_buf[..len])
             .map_err(|err| broken(format!("invalid answer head: {err}")))?;
@@ -649,7 +647,7 @@ async fn read_answer_head(
 ) -> Result<usize, Failure> {
     loop {
         if !up_buf.is_empty() {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
             let mut head = httparse::Response::new(&mut slots);
             match head.parse(up_buf) {
                 Ok(httparse::Status::Complete(len)) => match head.code {

@@ -13,7 +13,7 @@
 //! - any other value (`false`) or status, or the exact name already → left as it came: `false` never becomes `true`.
 //!
 //! Interim (1xx) heads pass untouched; the final head is the one repaired. Bodies are never looked at. A head
-//! larger than [`MAX_HEAD`] or one that does not parse passes unchanged for hyper to judge.
+//! larger than [`MAX_ANSWER_HEAD`] or one that does not parse passes unchanged for hyper to judge.
 //!
 //! The fast lane ([`super::lane`]) reads answer heads itself and applies the same rule through [`auth_fix`].
 //!
@@ -31,10 +31,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::powerjob::AUTH_PASSED;
 
-/// Heads larger than this pass unrepaired (hyper's own client limit is about as large).
-pub const MAX_HEAD: usize = 64 * 1024;
-/// Most headers a repaired head may have; more pass unrepaired.
-const MAX_HEADERS: usize = 128;
+use super::headers::{MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 /// The header line the repair adds.
 pub(super) const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
 
@@ -170,7 +167,7 @@ fn repair(
 ) -> Option<(Vec<u8>, Option<std::ops::Range<usize>>)> {
     let mut start = 0;
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut headers = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
         let mut head = httparse::Response::new(&mut headers);
         match head.parse(&buf[start..]) {
             Ok(httparse::Status::Complete(len)) => {
@@ -193,7 +190,7 @@ fn repair(
                 let out = apply(std::mem::take(buf), fix, start + len);
                 return Some((out, Some(start..start + len + grown)));
             }
-            Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_HEAD => return None,
+            Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_ANSWER_HEAD => return None,
             // Too large, malformed, or cut short: pass as it came.
             _ => return Some((std::mem::take(buf), None)),
         }

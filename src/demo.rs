@@ -11,9 +11,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 
 use crate::config::{Flags, Settings};
-use crate::powerjob::client::{Client510, ClientConfig};
-use crate::powerjob::mock::{self, MockOptions, Mode};
 use crate::server::{self, Listeners};
+use crate::sim::client::{Client510, ClientConfig};
+use crate::sim::mock::{self, MockOptions, Mode};
 
 /// One row of the table.
 struct Row {

@@ -15,8 +15,9 @@
 //! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, the key API, `/reload`); [`health`], the `runonce health` check that GETs it.
 //! - [`metrics`]: the Prometheus metrics; [`reload`]: configuration reload (SIGHUP, `POST /reload`).
-//! - [`powerjob`]: protocol facts, the mock server ([`powerjob::mock`]) and the 5.1.0 client emulation
-//!   ([`powerjob::client`]).
+//! - [`powerjob`]: protocol facts, read from PowerJob's source.
+//! - [`sim`]: the simulator, not the product: the mock server ([`sim::mock`]) and the 5.1.0 client emulation
+//!   ([`sim::client`]), for the demo, the tests and the benchmark.
 //! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
 //!   upstreams (the client emulation, the demo's mock stats, tests); never on the proxy's request path.
 //! - [`telemetry`]: tracing setup.
@@ -33,6 +34,7 @@ pub mod proxy;
 pub mod rawhttp;
 pub mod reload;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use runonce::config::{self, Flags, LogFormat, Settings};
-use runonce::powerjob::mock::{self, Fault, FaultKind, MockOptions, Mode};
+use runonce::sim::mock::{self, Fault, FaultKind, MockOptions, Mode};
 use runonce::{demo, health, server, telemetry};
 
 /// An idempotency proxy for PowerJob: one runJob reaches the server once, however often the client sends it.

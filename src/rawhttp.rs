@@ -3,8 +3,8 @@
 //! The duplicate `runJob` this project guards against hinges on the *case* of a response header name: the
 //! PowerJob 5.1.0 client finds `X-POWERJOB-AUTH-PASSED` but not `x-powerjob-auth-passed`. hyper normalises
 //! header names to lower case and hides the original spelling, so whatever must tell the two apart speaks
-//! HTTP/1.1 itself: the 5.1.0 client emulation ([`crate::powerjob::client`]), `runonce demo` (through
-//! [`crate::powerjob::mock::fetch_stats`]), the mock's unit tests and the integration tests, whose scripted
+//! HTTP/1.1 itself: the 5.1.0 client emulation ([`crate::sim::client`]), `runonce demo` (through
+//! [`crate::sim::mock::fetch_stats`]), the mock's unit tests and the integration tests, whose scripted
 //! upstreams also read requests with [`read_request`]. Heads are parsed with `httparse`, which hands out names
 //! as sent.
 //!

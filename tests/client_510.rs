@@ -2,7 +2,7 @@
 
 mod support;
 
-use runonce::powerjob::client::{Client510, ClientConfig};
+use runonce::sim::client::{Client510, ClientConfig};
 use std::net::SocketAddr;
 use std::time::Duration;
 use support::*;

@@ -378,7 +378,7 @@ async fn updates_pass_and_unguarded_routes_are_not_keyed() {
 
 #[tokio::test]
 async fn the_510_clients_resend_after_auth_app_is_recognised_when_the_header_is_not_repaired() {
-    use runonce::powerjob::client::{Client510, ClientConfig};
+    use runonce::sim::client::{Client510, ClientConfig};
     let mock = mock("v5.1.0-auth-off", 0);
     // Without the repair the 5.1.0 client re-sends each runJob after /authApp: the re-send signature.
     let proxy = proxy(&[url(mock.addr("mock"))], &["--auth-header", "preserve"]);
@@ -393,7 +393,7 @@ async fn the_510_clients_resend_after_auth_app_is_recognised_when_the_header_is_
 
 #[tokio::test]
 async fn with_the_header_repaired_an_identical_call_after_auth_app_is_a_new_call() {
-    use runonce::powerjob::client::{Client510, ClientConfig};
+    use runonce::sim::client::{Client510, ClientConfig};
     let mock = mock("v5.1.0-auth-off", 0);
     let proxy = proxy(&[url(mock.addr("mock"))], &[]);
     let config = ClientConfig::new(vec![proxy.addr("proxy").to_string()], "my-app", "123456");

@@ -6,7 +6,7 @@ mod support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use runonce::powerjob::client::{Client510, ClientConfig};
+use runonce::sim::client::{Client510, ClientConfig};
 use support::redis::{RedisCluster, RedisServer};
 use support::*;
 

@@ -1,11 +1,8 @@
 //! PowerJob protocol facts: paths, header names and the `ResultDTO` body shape.
 //!
 //! Everything here is read from PowerJob's source (see `shared/POWERJOB.md`); no PowerJob code is copied.
-//! This module owns *facts*; the proxy's rules that use them live in `proxy/`, the fake server in `mock.rs`
-//! and the 5.1.0 client emulation in `client.rs`.
-
-pub mod client;
-pub mod mock;
+//! This module owns *facts*; the proxy's rules that use them live in `proxy/`, the fake server and the 5.1.0
+//! client emulation in `sim/`.
 
 use std::borrow::Cow;
 

@@ -261,7 +261,7 @@ pub async fn mock_requests(mock: SocketAddr) -> RawResponse {
 
 /// The mock's `/mock/stats` JSON.
 pub async fn mock_stats(mock: SocketAddr) -> serde_json::Value {
-    runonce::powerjob::mock::fetch_stats(mock, STEP)
+    runonce::sim::mock::fetch_stats(mock, STEP)
         .await
         .expect("mock stats")
 }

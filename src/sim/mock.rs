@@ -78,7 +78,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{
+use crate::powerjob::{
     header_present, result_json, result_json_v4, served_endpoint, status, ACCESS_TOKEN, APP_ID,
     AUTH_PASSED,
 };

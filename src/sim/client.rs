@@ -34,7 +34,7 @@ use md5::{Digest, Md5};
 use serde::Serialize;
 use serde_json::Value;
 
-use super::{ACCESS_TOKEN, APP_ID, AUTH_PASSED, WEB_PATH};
+use crate::powerjob::{ACCESS_TOKEN, APP_ID, AUTH_PASSED, WEB_PATH};
 use crate::rawhttp::{self, Response};
 
 /// The client's default connect/read/write/call timeout (`ClusterRequestService.DEFAULT_TIMEOUT_SECONDS`).

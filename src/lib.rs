@@ -28,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod guard;
 pub mod health;
+pub mod http1;
 pub mod metrics;
 pub mod powerjob;
 pub mod proxy;

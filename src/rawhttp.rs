@@ -23,6 +23,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
+use crate::http1::framing::{framing, Framing, Message};
+
 /// Largest body we accept.
 const MAX_BODY: usize = 16 * 1024 * 1024;
 /// Largest head (start line plus headers) we accept; also bounds a chunked body's trailer section.
@@ -162,57 +164,22 @@ struct Head {
     headers: Vec<(String, String)>,
 }
 
-/// How a body is delimited (RFC 9112 §6.3).
-#[derive(Debug, PartialEq)]
-enum Framing {
-    None,
-    Length(usize),
-    Chunked,
-    UntilClose,
-}
-
-/// The framing of a response with `status`, or of a request when `status` is `None`.
+/// The framing of a response with `status`, or of a request when `status` is `None` (the one decision,
+/// [`crate::http1::framing`]), within the body cap.
 fn body_framing(status: Option<u16>, headers: &[(String, String)]) -> io::Result<Framing> {
-    if status.is_some_and(|status| status == 204 || status == 304 || (100..200).contains(&status)) {
-        return Ok(Framing::None);
-    }
-    let values = |name: &'static str| {
-        headers
-            .iter()
-            .filter(move |(key, _)| key.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value.as_str())
+    let message = match status {
+        Some(status) => Message::Response {
+            status,
+            to_head: false,
+        },
+        None => Message::Request,
     };
-    // Transfer-Encoding wins over Content-Length; only a final `chunked` delimits the body.
-    if let Some(last) = values("Transfer-Encoding")
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .rfind(|coding| !coding.is_empty())
-    {
-        return match (last.eq_ignore_ascii_case("chunked"), status) {
-            (true, _) => Ok(Framing::Chunked),
-            (false, Some(_)) => Ok(Framing::UntilClose),
-            (false, None) => Err(invalid("request Transfer-Encoding does not end in chunked")),
-        };
-    }
-    let mut length = None;
-    for value in values("Content-Length").flat_map(|value| value.split(',')) {
-        let parsed: usize = value
-            .trim()
-            .parse()
-            .map_err(|_| invalid(format!("invalid Content-Length: {value:?}")))?;
-        if length.is_some_and(|seen| seen != parsed) {
-            return Err(invalid("conflicting Content-Length values"));
-        }
-        length = Some(parsed);
-    }
-    match (length, status) {
-        (Some(length), _) if length > MAX_BODY => {
+    let fields = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()));
+    match framing(message, fields).map_err(|err| invalid(err.to_string()))? {
+        Framing::Length(length) if length > MAX_BODY as u64 => {
             Err(invalid(format!("body of {length} bytes exceeds the cap")))
         }
-        (Some(length), _) => Ok(Framing::Length(length)),
-        // A request without either header has no body; a response runs until the connection closes.
-        (None, None) => Ok(Framing::None),
-        (None, Some(_)) => Ok(Framing::UntilClose),
+        framing => Ok(framing),
     }
 }
 
@@ -288,10 +255,11 @@ impl<'a> Reader<'a> {
 
     async fn read_body(&mut self, framing: Framing) -> io::Result<Vec<u8>> {
         match framing {
-            Framing::None => Ok(Vec::new()),
-            Framing::Length(length) => self.read_exact(length).await,
+            Framing::Empty => Ok(Vec::new()),
+            // Within the cap (`body_framing`), so within `usize`.
+            Framing::Length(length) => self.read_exact(length as usize).await,
             Framing::Chunked => self.read_chunked().await,
-            Framing::UntilClose => self.read_to_close().await,
+            Framing::Close => self.read_to_close().await,
         }
     }
 
@@ -639,44 +607,23 @@ mod tests {
         assert!(parse_chunk_size(b"fffffffffffffffff").is_err());
     }
 
+    /// The decision is `http1::framing`'s (its table); this reader adds its body cap.
     #[test]
-    fn framing_follows_rfc_9112() {
-        let headers = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
-            pairs
+    fn framing_is_http1s_within_the_cap() {
+        let framing = |status, pairs: &[(&str, &str)]| {
+            let headers: Vec<(String, String)> = pairs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
+                .collect();
+            body_framing(status, &headers).ok()
         };
-        let framing = |status, pairs: &[(&str, &str)]| body_framing(status, &headers(pairs)).ok();
-        assert_eq!(framing(Some(204), &[]), Some(Framing::None));
+        assert_eq!(framing(Some(204), &[]), Some(Framing::Empty));
         assert_eq!(
             framing(Some(200), &[("content-length", "5")]),
             Some(Framing::Length(5))
         );
-        assert_eq!(
-            framing(
-                Some(200),
-                &[
-                    ("Content-Length", "5"),
-                    ("Transfer-Encoding", "gzip, chunked")
-                ]
-            ),
-            Some(Framing::Chunked)
-        );
-        assert_eq!(
-            framing(Some(200), &[("Transfer-Encoding", "gzip")]),
-            Some(Framing::UntilClose)
-        );
-        assert!(framing(
-            Some(200),
-            &[("Content-Length", "5"), ("Content-Length", "6")]
-        )
-        .is_none());
-        assert!(framing(Some(200), &[("Content-Length", "x")]).is_none());
         assert!(framing(Some(200), &[("Content-Length", "99999999999")]).is_none());
-        assert_eq!(framing(Some(200), &[]), Some(Framing::UntilClose));
-        // Requests: no framing header means no body; a non-chunked Transfer-Encoding is refused.
-        assert_eq!(framing(None, &[]), Some(Framing::None));
+        assert_eq!(framing(Some(200), &[]), Some(Framing::Close));
         assert!(framing(None, &[("Transfer-Encoding", "gzip")]).is_none());
     }
 }

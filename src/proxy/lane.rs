@@ -48,6 +48,7 @@ use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::tap::{self, Fix};
 use super::Proxy;
 use crate::config::AuthHeader;
+use crate::http1::framing::{framing, parse_length, Framing, Message};
 use crate::powerjob;
 
 /// How a connection left the lane.
@@ -200,17 +201,6 @@ enum Failure {
     Answer(ProxyError),
     /// The client connection failed: nothing can be answered.
     ClientGone,
-}
-
-/// How the upstream framed its answer's body.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Framing {
-    /// No body (`HEAD`, 204, 304).
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Up to the upstream's close.
-    Close,
 }
 
 struct Conn<'a> {
@@ -480,8 +470,13 @@ impl Conn<'_> {
         head.parse(&up_buf[..len])
             .map_err(|err| broken(format!("invalid answer head: {err}")))?;
         let code = head.code.unwrap_or(0);
-        let framing = framing(&request.method, code, head.headers)
-            .ok_or_else(|| broken("invalid Content-Length in the answer".into()))?;
+        let message = Message::Response {
+            status: code,
+            to_head: request.method == Method::HEAD,
+        };
+        let fields = head.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+        let framing =
+            framing(message, fields).map_err(|err| broken(format!("{err} in the answer")))?;
         let upstream_close = head.version != Some(1)
             || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();
@@ -680,37 +675,6 @@ async fn read_answer_head(
     }
 }
 
-/// The answer's framing (RFC 9112 §6.3); `None` for a `Content-Length` that is invalid or repeated with
-/// another value.
-fn framing(method: &Method, code: u16, headers: &[httparse::Header<'_>]) -> Option<Framing> {
-    if *method == Method::HEAD || code == 204 || code == 304 {
-        return Some(Framing::Empty);
-    }
-    let mut length = None;
-    let mut chunked = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") {
-            // Chunked only when it is the last coding applied.
-            let last = header.value.rsplit(|b| *b == b',').next().unwrap_or(b"");
-            chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if header.name.eq_ignore_ascii_case("content-length") {
-            // Checked only without a transfer coding, beside which it is ignored (and not forwarded), as hyper's
-            // client ignores it. `u64::MAX`: invalid.
-            let value = parse_length(header.value.trim_ascii()).unwrap_or(u64::MAX);
-            if length.is_some_and(|seen| seen != value) {
-                return None;
-            }
-            length = Some(value);
-        }
-    }
-    Some(match (chunked, length) {
-        (Some(true), _) => Framing::Chunked,
-        (Some(false), _) | (None, None) => Framing::Close,
-        (None, Some(u64::MAX)) => return None,
-        (None, Some(length)) => Framing::Length(length),
-    })
-}
-
 /// The answer body's progress: how much of it is still to come.
 struct Body {
     framing: Framing,
@@ -839,14 +803,6 @@ fn is_target_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%".contains(&byte)
 }
 
-/// A `Content-Length` value: 1 to 19 digits, nothing else.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 /// The comma-separated tokens of one header value, trimmed.
 fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
@@ -932,65 +888,7 @@ mod tests {
     }
 
     #[test]
-    fn framing_follows_rfc_9112() {
-        let h = |name: &'static str, value: &'static [u8]| httparse::Header { name, value };
-        let post = Method::POST;
-        assert_eq!(
-            framing(&Method::HEAD, 200, &[h("Content-Length", b"9")]),
-            Some(Framing::Empty)
-        );
-        assert_eq!(framing(&post, 204, &[]), Some(Framing::Empty));
-        assert_eq!(
-            framing(&post, 304, &[h("Content-Length", b"9")]),
-            Some(Framing::Empty)
-        );
-        assert_eq!(
-            framing(&post, 200, &[h("Content-Length", b"9")]),
-            Some(Framing::Length(9))
-        );
-        assert_eq!(
-            framing(
-                &post,
-                200,
-                &[h("Content-Length", b"9"), h("content-length", b"9")]
-            ),
-            Some(Framing::Length(9))
-        );
-        assert_eq!(
-            framing(
-                &post,
-                200,
-                &[h("Content-Length", b"9"), h("Content-Length", b"8")]
-            ),
-            None
-        );
-        assert_eq!(framing(&post, 200, &[h("Content-Length", b"+9")]), None);
-        assert_eq!(
-            framing(
-                &post,
-                200,
-                &[
-                    h("Transfer-Encoding", b"gzip, Chunked"),
-                    h("Content-Length", b"9")
-                ]
-            ),
-            Some(Framing::Chunked)
-        );
-        assert_eq!(
-            framing(&post, 200, &[h("Transfer-Encoding", b"chunked, gzip")]),
-            Some(Framing::Close)
-        );
-        assert_eq!(framing(&post, 200, &[]), Some(Framing::Close));
-    }
-
-    #[test]
-    fn lengths_and_targets_are_read_strictly() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b"18446744073709551615"), None, "20 digits");
-        assert_eq!(parse_length(b"9223372036854775807"), Some(i64::MAX as u64));
-        for bad in [&b""[..], b"-1", b"+1", b"1 2", b"0x10", b"1,1"] {
-            assert_eq!(parse_length(bad), None, "{bad:?}");
-        }
+    fn targets_are_read_strictly() {
         assert!("/openApi/runJob?appId=1&x=%20;a=b"
             .bytes()
             .all(is_target_byte));

@@ -1,0 +1,8 @@
+//! The HTTP/1.1 contract, in one place (issue "One HTTP/1 codec"). Both of runonce's own HTTP/1.1 readers, the
+//! fast lane (`proxy::lane`) and the simulator's client ([`crate::rawhttp`]), take their framing decisions
+//! from here; hyper's path makes the same ones inside hyper, and the tests hold the paths to the same bytes.
+//!
+//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3). The head type, the chunked
+//! decoder and the head writer are to follow.
+
+pub mod framing;

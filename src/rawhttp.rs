@@ -23,16 +23,15 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
+use crate::http1::chunked::Chunks;
 use crate::http1::framing::{framing, Framing, Message};
 
 /// Largest body we accept.
 const MAX_BODY: usize = 16 * 1024 * 1024;
-/// Largest head (start line plus headers) we accept; also bounds a chunked body's trailer section.
+/// Largest head (start line plus headers) we accept.
 const MAX_HEAD: usize = 64 * 1024;
 /// Most header fields in one head.
 const MAX_HEADERS: usize = 128;
-/// Longest chunk-size or trailer line in a chunked body.
-const MAX_LINE: usize = 8 * 1024;
 /// Most interim (1xx) responses skipped before the final one.
 const MAX_INTERIM: usize = 8;
 
@@ -290,53 +289,27 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Reads one line ending in LF (a preceding CR is dropped), without the terminator.
-    async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+    /// Decodes a chunked body with the one decoder ([`crate::http1::chunked`]): strict, trailers dropped,
+    /// within the body cap.
+    async fn read_chunked(&mut self) -> io::Result<Vec<u8>> {
+        let mut body = Vec::new();
+        let mut chunks = Chunks::default();
         loop {
-            if let Some(at) = self.unread().iter().position(|&b| b == b'\n') {
-                let mut line = self.unread()[..at].to_vec();
-                self.pos += at + 1;
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+            let ended = chunks
+                .decode(&self.buf[self.pos..], &mut body)
+                .map_err(|err| invalid(err.to_string()))?;
+            match ended {
+                Some(end) => {
+                    self.pos += end;
+                    return Ok(body);
                 }
-                return Ok(line);
+                None => self.pos = self.buf.len(),
             }
-            if self.unread().len() > MAX_LINE {
-                return Err(invalid("chunk line too long"));
+            if body.len() as u64 + chunks.announced() > MAX_BODY as u64 {
+                return Err(invalid("chunked body exceeds the cap"));
             }
             if self.fill().await? == 0 {
                 return Err(closed("connection closed inside a chunked body"));
-            }
-        }
-    }
-
-    /// Decodes a chunked body (RFC 9112 §7.1): size lines with optional extensions, data, CRLF, a zero-size
-    /// last chunk and optional trailer fields, which are read and dropped.
-    async fn read_chunked(&mut self) -> io::Result<Vec<u8>> {
-        let mut body = Vec::new();
-        loop {
-            let size = parse_chunk_size(&self.read_line().await?)?;
-            if size == 0 {
-                break;
-            }
-            if body.len() + size > MAX_BODY {
-                return Err(invalid("chunked body exceeds the cap"));
-            }
-            body.extend_from_slice(&self.read_exact(size).await?);
-            if !self.read_line().await?.is_empty() {
-                return Err(invalid("chunk data not followed by CRLF"));
-            }
-        }
-        // Trailer section: bounded by MAX_HEAD in total, ends with an empty line.
-        let mut trailer_bytes = 0;
-        loop {
-            let line = self.read_line().await?;
-            if line.is_empty() {
-                return Ok(body);
-            }
-            trailer_bytes += line.len();
-            if trailer_bytes > MAX_HEAD {
-                return Err(invalid("chunked trailer too large"));
             }
         }
     }
@@ -380,18 +353,6 @@ fn parse_head(bytes: &[u8], request: bool) -> io::Result<Option<(usize, Head)>> 
         headers,
     };
     Ok(Some((length, head)))
-}
-
-/// The hex size at the start of a chunk-size line; `;extensions` and surrounding whitespace are ignored.
-fn parse_chunk_size(line: &[u8]) -> io::Result<usize> {
-    let text = String::from_utf8_lossy(line);
-    let digits = text.split(';').next().unwrap_or_default().trim();
-    let valid =
-        !digits.is_empty() && digits.len() <= 15 && digits.bytes().all(|b| b.is_ascii_hexdigit());
-    usize::from_str_radix(digits, 16)
-        .ok()
-        .filter(|_| valid)
-        .ok_or_else(|| invalid(format!("invalid chunk size: {text:?}")))
 }
 
 fn head_kind(request: bool) -> &'static str {
@@ -595,16 +556,6 @@ mod tests {
         assert_eq!(read[2].headers, [("Host".to_owned(), "t".to_owned())]);
         client.await.unwrap();
         assert!(read_request(&mut stream).await.unwrap().is_none());
-    }
-
-    #[test]
-    fn chunk_sizes_parse_strictly() {
-        assert_eq!(parse_chunk_size(b"1a;name=value").unwrap(), 26);
-        assert_eq!(parse_chunk_size(b" 0 ").unwrap(), 0);
-        assert!(parse_chunk_size(b"").is_err());
-        assert!(parse_chunk_size(b"-1").is_err());
-        assert!(parse_chunk_size(b"+1").is_err());
-        assert!(parse_chunk_size(b"fffffffffffffffff").is_err());
     }
 
     /// The decision is `http1::framing`'s (its table); this reader adds its body cap.

@@ -2,7 +2,8 @@
 //! fast lane (`proxy::lane`) and the simulator's client ([`crate::rawhttp`]), take their framing decisions
 //! from here; hyper's path makes the same ones inside hyper, and the tests hold the paths to the same bytes.
 //!
-//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3). The head type, the chunked
-//! decoder and the head writer are to follow.
+//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3), and [`chunked`], the one chunked
+//! decoder. The head type and the head writer are to follow.
 
+pub mod chunked;
 pub mod framing;

@@ -48,6 +48,7 @@ use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::tap::{self, Fix};
 use super::Proxy;
 use crate::config::AuthHeader;
+use crate::http1::chunked::Chunks;
 use crate::http1::framing::{framing, parse_length, Framing, Message};
 use crate::powerjob;
 
@@ -704,7 +705,11 @@ impl Body {
                 self.left -= take as u64;
                 take
             }
-            Framing::Chunked => self.chunks.feed(from)?.unwrap_or(from.len()),
+            Framing::Chunked => self
+                .chunks
+                .feed(from)
+                .map_err(|_| ())?
+                .unwrap_or(from.len()),
             Framing::Close => from.len(),
         };
         to.extend_from_slice(&from[..take]);
@@ -712,88 +717,9 @@ impl Body {
         Ok(match self.framing {
             Framing::Empty => true,
             Framing::Length(_) => self.left == 0,
-            Framing::Chunked => self.chunks.done,
+            Framing::Chunked => self.chunks.done(),
             Framing::Close => false,
         })
-    }
-}
-
-/// A chunked body's parser (RFC 9112 §7.1), strict: sizes in hex of at most 16 digits, CRLF line ends,
-/// trailers read over. It only finds where the body ends; the bytes are forwarded as they came.
-#[derive(Default)]
-struct Chunks {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-    done: bool,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Debug)]
-enum ChunkState {
-    #[default]
-    Size,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-}
-
-impl Chunks {
-    /// Reads `data` on; `Ok(Some(n))` when the body ends after its first `n` bytes.
-    fn feed(&mut self, data: &[u8]) -> Result<Option<usize>, ()> {
-        use ChunkState::*;
-        let mut at = 0;
-        while at < data.len() {
-            if self.state == Data {
-                let take = (data.len() - at).min(self.size as usize);
-                self.size -= take as u64;
-                at += take;
-                if self.size == 0 {
-                    self.state = DataCr;
-                }
-                continue;
-            }
-            let byte = data[at];
-            at += 1;
-            self.state = match (self.state, byte) {
-                (Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
-                    if self.digits == 16 {
-                        return Err(());
-                    }
-                    self.digits += 1;
-                    self.size = self.size << 4 | u64::from((byte as char).to_digit(16).ok_or(())?);
-                    Size
-                }
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
-                (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Extension, b'\r') => SizeLf,
-                (Extension, b'\n') => return Err(()),
-                (Extension, _) => Extension,
-                (SizeLf, b'\n') if self.size == 0 => TrailerStart,
-                (SizeLf, b'\n') => Data,
-                (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => {
-                    self.digits = 0;
-                    Size
-                }
-                (TrailerStart, b'\r') => EndLf,
-                (Trailer, b'\r') => TrailerLf,
-                (TrailerStart | Trailer, b'\n') => return Err(()),
-                (TrailerStart | Trailer, _) => Trailer,
-                (TrailerLf, b'\n') => TrailerStart,
-                (EndLf, b'\n') => {
-                    self.done = true;
-                    return Ok(Some(at));
-                }
-                _ => return Err(()),
-            };
-        }
-        Ok(None)
     }
 }
 
@@ -837,55 +763,6 @@ fn put_line(to: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const BODY: &[u8] = b"5;name=value\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
-
-    #[test]
-    fn a_chunked_body_ends_where_its_last_chunk_and_trailers_end_however_it_is_split() {
-        let mut wire = BODY.to_vec();
-        wire.extend_from_slice(b"HTTP/1.1 200 OK\r\n"); // what follows is not the body's
-        for split in 0..=BODY.len() {
-            let mut chunks = Chunks::default();
-            let (a, b) = wire.split_at(split);
-            let end = match chunks.feed(a).unwrap() {
-                Some(end) => end,
-                None => {
-                    a.len()
-                        + chunks
-                            .feed(b)
-                            .unwrap()
-                            .expect("the body ends in the second part")
-                }
-            };
-            assert_eq!(end, BODY.len(), "split at {split}");
-            assert!(chunks.done);
-        }
-        let mut byte_by_byte = Chunks::default();
-        let ends: Vec<usize> = (0..BODY.len())
-            .filter(|&i| byte_by_byte.feed(&BODY[i..=i]).unwrap() == Some(1))
-            .collect();
-        assert_eq!(ends, vec![BODY.len() - 1]);
-    }
-
-    #[test]
-    fn malformed_chunked_bodies_are_refused() {
-        for bad in [
-            &b"\r\nhello"[..],          // no size
-            b"g\r\n",                   // not hex
-            b"5\nhello\r\n",            // bare LF after the size
-            b"5\r\nhelloX\r\n",         // no CRLF after the data
-            b"11111111111111111\r\n",   // 17 hex digits
-            b"0\r\nX-Trailer: 1\n\r\n", // bare LF in the trailers
-            b"5;ext\n",                 // bare LF after an extension
-        ] {
-            assert!(
-                Chunks::default().feed(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
-        }
-        assert_eq!(Chunks::default().feed(b"0\r\n\r\n").unwrap(), Some(5));
-    }
 
     #[test]
     fn targets_are_read_strictly() {

@@ -960,7 +960,6 @@ impl Guard {
                             store: store.clone(),
                             key: key.clone(),
                             window: call.info.window,
-                            token: token.to_string(),
                             stored,
                             flight: Arc::clone(flight),
                         }),
@@ -1166,9 +1165,9 @@ struct Write {
     store: AnyStore,
     key: Key,
     window: Duration,
-    token: String,
     stored: Stored,
-    /// This process's registry entry of the leader: it goes once the store holds the answer.
+    /// This process's registry entry of the leader (its owner token too): it goes once the store holds the
+    /// answer.
     flight: Arc<Flight>,
 }
 
@@ -1198,7 +1197,7 @@ impl Write {
         let at = (&self.key, self.window);
         let change = self
             .guard
-            .record(&self.store, at, &self.token, verdict)
+            .record(&self.store, at, &self.flight.token, verdict)
             .await;
         let linger = self.guard.policy.load().wait_timeout;
         let landed = matches!(change, Ok(true));

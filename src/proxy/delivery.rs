@@ -350,6 +350,42 @@ mod tests {
         )
     }
 
+    /// A later answer confirms the one still waiting; the connection's one timer confirms each answer a grace
+    /// after it was handed out, also after an earlier one was confirmed early; a closed connection stops it.
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_confirms_each_answer_after_its_grace() {
+        let delivery = Delivery::new();
+        let first = handed_out(&delivery, GRACE);
+        tokio::time::sleep(GRACE / 3).await;
+        let second = handed_out(&delivery, GRACE);
+        assert!(first.await, "the client asked again");
+        let started = Instant::now();
+        assert!(second.await);
+        assert!(
+            started.elapsed() >= GRACE * 2 / 3,
+            "not before its own grace"
+        );
+
+        let third = handed_out(&delivery, GRACE);
+        tokio::time::sleep(GRACE / 10).await;
+        delivery.settle(false);
+        assert!(!third.await, "settled early, by the connection");
+        tokio::time::sleep(GRACE / 2).await;
+        let fourth = handed_out(&delivery, GRACE);
+        let started = Instant::now();
+        assert!(fourth.await);
+        assert!(started.elapsed() >= GRACE);
+
+        let fifth = handed_out(&delivery, GRACE);
+        assert!(delivery.close(), "an answer waits");
+        tokio::time::sleep(GRACE * 3).await;
+        delivery.settle(false);
+        assert!(
+            !fifth.await,
+            "once closed, the socket decides, not the timer"
+        );
+    }
+
     #[tokio::test]
     async fn the_next_request_confirms_the_answer() {
         let (mut server, delivery, mut client) = pair().await;

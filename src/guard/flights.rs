@@ -164,9 +164,15 @@ impl Flights {
     /// Removes `flight`'s entry, unless another leader has taken the key since.
     fn forget(&self, key: &Key, flight: &Arc<Flight>) {
         let mut by_key = self.lock(key);
-        if by_key.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            by_key.remove(key);
-            self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        // One look-up: removed, and put back in the rare case it is another leader's.
+        match by_key.remove_entry(key) {
+            Some((_, f)) if Arc::ptr_eq(&f, flight) => {
+                self.count.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            }
+            Some((key, other)) => {
+                by_key.insert(key, other);
+            }
+            None => {}
         }
     }
 

@@ -204,18 +204,20 @@ pub fn payload(
             .unwrap_or_default(),
     };
     if let Reads::Params(params) = reads {
-        let mut bound = Vec::with_capacity(params.len() + 1);
+        let mut bound = Vec::with_capacity(params.len() + fields.len());
         for param in params {
-            let given = fields.iter().find(|(k, _)| k == param.name).map(|(_, v)| v);
-            let value = match given {
-                None => param.null.to_string(),
-                Some(value) if param.long => canonical_long(value, param.null),
-                Some(value) => value.clone(),
-            };
-            bound.push((param.name.to_string(), value));
+            // Moved out of `fields` (each name is there once): the order does not matter, all are sorted below.
+            let given = fields.iter().position(|(k, _)| k == param.name);
+            bound.push(match given.map(|at| fields.swap_remove(at)) {
+                None => (param.name.to_string(), param.null.to_string()),
+                Some((name, value)) if param.long => {
+                    (name, canonical_long_owned(value, param.null))
+                }
+                Some(given) => given,
+            });
         }
         // Undeclared names the setting asks for, by their text.
-        fields.retain(|(name, _)| name != "appId" && !params.iter().any(|p| p.name == name));
+        fields.retain(|(name, _)| name != "appId");
         bound.append(&mut fields);
         fields = bound;
     }
@@ -237,13 +239,21 @@ fn params_read(
     body: &[u8],
 ) -> Result<Vec<(String, String)>, BadPayload> {
     let raw = content_type.unwrap_or("");
-    let kind = raw.to_ascii_lowercase();
+    let kind = || raw.to_ascii_lowercase();
     if body.is_empty() {
         // Query parameters only: the Content-Type does not matter.
     } else if raw.starts_with(FORM) {
         // Undertow's `FormEncodedDataDefinition`: `mimeType.startsWith("application/x-www-form-urlencoded")`.
-        query.extend(form_fields(body).map_err(|why| malformed("form body", why))?);
-    } else if kind.contains("json") && !kind.starts_with(FORM) && !kind.starts_with("multipart/") {
+        let form = form_fields(body).map_err(|why| malformed("form body", why))?;
+        if query.is_empty() {
+            query = form;
+        } else {
+            query.extend(form);
+        }
+    } else if kind().contains("json")
+        && !kind().starts_with(FORM)
+        && !kind().starts_with("multipart/")
+    {
         // The server binds no parameter from a JSON body: the query alone is the call.
     } else {
         return Err(BadPayload::MediaType {
@@ -309,11 +319,31 @@ fn malformed(what: &str, why: String) -> BadPayload {
 /// server does with null) for none, or the text itself when Spring cannot bind it (or when runonce cannot
 /// tell), which no bound value's key can equal: every key of a number parses back to that number.
 fn canonical_long(text: &str, null: &str) -> String {
+    if plain_decimal(text) {
+        return text.to_string();
+    }
     match spring_long(text) {
         Some(Some(n)) => n.to_string(),
         Some(None) => null.to_string(),
         None => text.to_string(),
     }
+}
+
+/// [`canonical_long`] of a value owned already: a plain decimal is its own key, without a copy.
+fn canonical_long_owned(text: String, null: &str) -> String {
+    if plain_decimal(&text) {
+        return text;
+    }
+    canonical_long(&text, null)
+}
+
+/// Decimal digits without a leading zero (or `0` itself), short enough for an i64: the number's decimal form is
+/// the text (most values; spares `spring_long`'s copy and the number's formatting).
+fn plain_decimal(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    (1..=18).contains(&bytes.len())
+        && bytes.iter().all(u8::is_ascii_digit)
+        && (bytes[0] != b'0' || bytes.len() == 1)
 }
 
 /// The `Long` Spring MVC binds from a form or query value: `Some(None)` for null, `None` when it fails (or
@@ -428,40 +458,61 @@ fn jackson_binds_a_long(value: &Value) -> bool {
 /// The fingerprint of `payload` on `method` `route` behind the path `prefix`
 /// ([`crate::powerjob::served_prefix`]): 64 hex characters.
 pub fn fingerprint(method: &str, prefix: &str, route: &str, payload: &Payload) -> Key {
-    let mut hash = Sha256::new();
-    hash.update(b"runonce-fp-v2\n");
     let source = if payload.json { "json" } else { "params" };
-    for part in [method, prefix, route, payload.principal.as_str(), source] {
-        put(&mut hash, part);
-    }
-    for (name, value) in &payload.fields {
-        put(&mut hash, name);
-        put(&mut hash, value);
-    }
-    Key::from_digest(&hash.finalize())
+    let parts = [method, prefix, route, payload.principal.as_str(), source];
+    let fields = payload
+        .fields
+        .iter()
+        .flat_map(|(n, v)| [n.as_str(), v.as_str()]);
+    digest_of(b"runonce-fp-v2\n", parts.into_iter().chain(fields))
 }
 
 /// The key of a request that carries an `Idempotency-Key`: the client's key within (prefix, principal, route).
 pub fn idempotency_key(prefix: &str, route: &str, principal: &str, client_key: &str) -> Key {
-    let mut hash = Sha256::new();
-    hash.update(b"runonce-ik-v2\n");
-    for part in [prefix, principal, route, client_key] {
-        put(&mut hash, part);
-    }
-    Key::from_digest(&hash.finalize())
+    digest_of(b"runonce-ik-v2\n", [prefix, principal, route, client_key])
 }
 
-/// The fields as `{"name":"digest"}` JSON, stored beside a record to name the fields that differ later.
+/// SHA-256 of `tag` and each part length-prefixed, written to one buffer and hashed at once (a hash update
+/// per piece cost more than the hashing, callgrind).
+fn digest_of<'a>(tag: &[u8], parts: impl IntoIterator<Item = &'a str> + Clone) -> Key {
+    let len = parts
+        .clone()
+        .into_iter()
+        .map(|p| 8 + p.len())
+        .sum::<usize>();
+    let mut input = Vec::with_capacity(tag.len() + len);
+    input.extend_from_slice(tag);
+    for part in parts {
+        input.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        input.extend_from_slice(part.as_bytes());
+    }
+    Key::from_digest(&Sha256::digest(&input))
+}
+
+/// The fields as `{"name":"digest"}` JSON, stored beside a record to name the fields that differ later:
+/// the first 16 hex digits of each value's SHA-256, by name in byte order. Written directly, byte for byte
+/// what serde_json makes of the same map (`tests::field_digests_are_what_serde_json_writes`): the fields are
+/// sorted by name and each name is there once.
 pub fn field_digests(payload: &Payload) -> String {
-    let map: serde_json::Map<String, Value> = payload
-        .fields
-        .iter()
-        .map(|(name, value)| {
-            let digest = hex(&Sha256::digest(value.as_bytes()));
-            (name.clone(), Value::String(digest[..16].to_string()))
-        })
-        .collect();
-    Value::Object(map).to_string()
+    let mut out = String::with_capacity(2 + payload.fields.len() * 40);
+    out.push('{');
+    for (i, (name, value)) in payload.fields.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        if name.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+            out.push_str(&Value::from(name.as_str()).to_string());
+        } else {
+            out.push('"');
+            out.push_str(name);
+            out.push('"');
+        }
+        out.push_str(":\"");
+        out.push_str(&hex(&Sha256::digest(value.as_bytes())[..8]));
+        out.push('"');
+    }
+    out.push('}');
+    out
 }
 
 /// The names whose digests differ between two `field_digests` values, sorted.
@@ -478,11 +529,6 @@ pub fn differing_fields(stored: &str, now: &str) -> Vec<String> {
     names.sort();
     names.dedup();
     names
-}
-
-fn put(hash: &mut Sha256, part: &str) {
-    hash.update((part.len() as u64).to_be_bytes());
-    hash.update(part.as_bytes());
 }
 
 /// Decodes `application/x-www-form-urlencoded` strictly: `+` is a space, `%XX` a byte, and the decoded bytes
@@ -1431,5 +1477,89 @@ mod tests {
             ),
             Err(BadPayload::MediaType { .. })
         ));
+    }
+
+    #[test]
+    fn field_digests_are_what_serde_json_writes() {
+        let serde = |payload: &Payload| {
+            let map: serde_json::Map<String, Value> = payload
+                .fields
+                .iter()
+                .map(|(name, value)| {
+                    let digest = hex(&Sha256::digest(value.as_bytes()));
+                    (name.clone(), Value::String(digest[..16].to_string()))
+                })
+                .collect();
+            Value::Object(map).to_string()
+        };
+        let names = [
+            "",
+            "\u{0}body",
+            "a\"b",
+            "back\\slash",
+            "tab\t",
+            "é",
+            "Z",
+            "appId",
+            "jobId",
+            "zz",
+        ];
+        let mut fields: Vec<(String, String)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), format!("value {i}")))
+            .collect();
+        fields.sort_by(|a, b| a.0.cmp(&b.0));
+        for n in 0..=fields.len() {
+            let payload = Payload {
+                principal: String::new(),
+                fields: fields[..n].to_vec(),
+                json: false,
+            };
+            assert_eq!(field_digests(&payload), serde(&payload), "{n} fields");
+        }
+        let run = payload(
+            "runJob",
+            FORM,
+            None,
+            b"jobId=5&appId=1&delay=07",
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(field_digests(&run), serde(&run));
+    }
+
+    #[test]
+    fn the_plain_decimal_shortcut_keys_as_spring_binds() {
+        let by_spring = |text: &str| match spring_long(text) {
+            Some(Some(n)) => n.to_string(),
+            Some(None) => String::new(),
+            None => text.to_string(),
+        };
+        for text in [
+            "0",
+            "7",
+            "10",
+            "00",
+            "01",
+            "123456789012345678",
+            "999999999999999999",
+            "9223372036854775807",
+            "9223372036854775808",
+            "0000000000000000001",
+            "+5",
+            "-0",
+            " 5",
+            "",
+            "5a",
+        ] {
+            assert_eq!(canonical_long(text, ""), by_spring(text), "{text:?}");
+            assert_eq!(
+                canonical_long_owned(text.to_string(), ""),
+                by_spring(text),
+                "{text:?}"
+            );
+        }
     }
 }

@@ -30,9 +30,11 @@ pub mod outcome;
 pub mod resolve;
 pub mod routes;
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,7 +48,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{AfterDelivery, AuthHeader, OnStoreError, Settings};
 use crate::metrics::{self, QuarantineCheck, Role};
 use crate::proxy::answer::Answer;
-use crate::proxy::delivery::Delivery;
+use crate::proxy::delivery::{Confirmation, Delivery};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
 use crate::proxy::tap::Arm;
@@ -1096,7 +1098,6 @@ impl Guard {
                             store: store.clone(),
                             key: key.clone(),
                             window: call.info.window,
-                            token: token.to_string(),
                             stored,
                             flight: Arc::clone(flight),
                         }),
@@ -1416,13 +1417,30 @@ struct Write {
     store: AnyStore,
     key: Key,
     window: Duration,
-    token: String,
     stored: Stored,
-    /// This process's registry entry of the leader: it goes once the store holds the answer.
+    /// This process's registry entry of the leader (its owner token too): it goes once the store holds the
+    /// answer.
     flight: Arc<Flight>,
 }
 
 impl Write {
+    /// Runs the write: at once when it finishes without waiting (the memory store's always does), else in a
+    /// tracked task. `_pending` keeps shutdown waiting until then. Outside a runtime (only while the process
+    /// ends) nothing can be written: the key turns unknown.
+    fn finish(self, delivered: bool, _pending: TaskTrackerToken) {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let tracker = self.guard.tracker.clone();
+        let mut write = Box::pin(async move { self.run(delivered).await });
+        // Polled once here with a waker that does nothing: a write that has to wait is polled again at
+        // once by its task, which registers that task's waker instead.
+        let mut now = Context::from_waker(noop_waker());
+        if write.as_mut().poll(&mut now).is_pending() {
+            tracker.spawn(write);
+        }
+    }
+
     async fn run(&self, delivered: bool) {
         let verdict = Verdict::Done {
             stored: self.stored.clone(),
@@ -1431,7 +1449,7 @@ impl Write {
         let at = (&self.key, self.window);
         let change = self
             .guard
-            .record(&self.store, at, &self.token, verdict)
+            .record(&self.store, at, &self.flight.token, verdict)
             .await;
         let linger = self.guard.policy.load().wait_timeout;
         let landed = matches!(change, Ok(true));
@@ -1444,8 +1462,10 @@ impl Write {
 
 impl Completion {
     /// The body was handed to the client's connection. With a `delivery` watch, the answer is stored once the
-    /// connection confirmed whether the client took it (see `proxy::delivery`), in a tracked task: the data
-    /// goes out now, and identical calls wait meanwhile (the key is still in flight). Without one, it is stored
+    /// connection confirmed whether the client took it (see `proxy::delivery`): the data goes out now, and
+    /// identical calls wait meanwhile (the key is still in flight). The write waits on the connection itself,
+    /// counted by the task tracker, and runs where the confirmation comes (the next request's read, the grace
+    /// timer, the close), in a tracked task only when it cannot finish at once. Without a watch, it is stored
     /// as delivered before the data goes out.
     async fn handed_out(mut self, delivery: Option<Arc<Delivery>>, grace: Duration) {
         match delivery {
@@ -1453,15 +1473,16 @@ impl Completion {
                 let Some(write) = self.write.take() else {
                     return;
                 };
-                let confirmed = delivery.handed_out(grace);
-                let tracker = write.guard.tracker.clone();
-                tracker.spawn(async move {
-                    let taken = confirmed.await;
-                    if !taken {
-                        metrics::get().answers_not_taken.inc();
-                    }
-                    write.run(taken).await;
-                });
+                let pending = write.guard.tracker.token();
+                delivery.handed_out(
+                    grace,
+                    Confirmation::new(move |taken| {
+                        if !taken {
+                            metrics::get().answers_not_taken.inc();
+                        }
+                        write.finish(taken, pending);
+                    }),
+                );
             }
             None => {
                 // Should the body be dropped while this runs, `Drop` runs the write again (as delivered).
@@ -1477,16 +1498,21 @@ impl Completion {
 
 impl Drop for Completion {
     fn drop(&mut self) {
-        let Some(write) = self.write.take() else {
-            return;
-        };
-        // Outside a runtime (only while the process ends) nothing can be written: the key turns unknown.
-        if tokio::runtime::Handle::try_current().is_ok() {
-            let delivered = self.delivered;
-            let tracker = write.guard.tracker.clone();
-            tracker.spawn(async move { write.run(delivered).await });
+        if let Some(write) = self.write.take() {
+            let pending = write.guard.tracker.token();
+            write.finish(self.delivered, pending);
         }
     }
+}
+
+/// A waker that does nothing (`Waker::noop` needs Rust 1.85).
+fn noop_waker() -> &'static Waker {
+    struct Noop;
+    impl Wake for Noop {
+        fn wake(self: Arc<Self>) {}
+    }
+    static NOOP: OnceLock<Waker> = OnceLock::new();
+    NOOP.get_or_init(|| Waker::from(Arc::new(Noop)))
 }
 
 /// The one log line and the metrics of a guarded request. `key` is `None` when it could not be keyed.

@@ -68,6 +68,19 @@ pub fn served_endpoint(path: &str) -> Option<Cow<'_, str>> {
 /// result is injective: each segment is rendered with its separator and every byte outside a safe set as
 /// `%XX`, so no two different segment lists give one string.
 pub fn served_prefix(path: &str) -> Option<String> {
+    // `/openApi/{endpoint}` as clients send it: nothing before `/openApi`, nothing to decode or to skip.
+    if let Some(endpoint) = path.strip_prefix("/openApi/") {
+        let plain = !endpoint.contains(['/', '\\', '%']);
+        let name = endpoint.split(';').next().unwrap_or_default();
+        if plain && !matches!(name, "" | "." | "..") {
+            return Some(String::new());
+        }
+    }
+    served_prefix_of_any(path)
+}
+
+/// [`served_prefix`] of any path.
+fn served_prefix_of_any(path: &str) -> Option<String> {
     let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
     // (separator before it, segment bytes), with the skips and pops of `served_segments`.
     let mut segments: Vec<(u8, &[u8])> = Vec::new();
@@ -204,6 +217,27 @@ mod tests {
                 served_endpoint(path).is_some(),
                 "{path}"
             );
+        }
+    }
+
+    #[test]
+    fn the_plain_path_shortcut_reads_the_prefix_as_any_path() {
+        for path in [
+            "/openApi/runJob",
+            "/openApi/runJob;jsessionid=1",
+            "/openApi/;x",
+            "/openApi/.",
+            "/openApi/..",
+            "/openApi/..;x",
+            "/openApi/.;x",
+            "/openApi/",
+            "/openApi/runJob/",
+            "/openApi/run%4Aob",
+            "/openApi/a\\b",
+            "/openApi/a b",
+            "/openApi/...",
+        ] {
+            assert_eq!(served_prefix(path), served_prefix_of_any(path), "{path}");
         }
     }
 

@@ -17,25 +17,70 @@
 //! into its socket library and then failed is indistinguishable from one that succeeded; its identical call is
 //! a new call (use an `Idempotency-Key` to make it a retry).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+
+/// What runs once the connection confirmed or refuted an answer, with whether the client took it: called
+/// exactly once. Dropped uncalled (the connection went without a verdict: only when the process ends), it is
+/// called with `false` (unknown, so not taken).
+pub struct Confirmation(Option<Box<dyn FnOnce(bool) + Send>>);
+
+impl Confirmation {
+    pub fn new(settle: impl FnOnce(bool) + Send + 'static) -> Confirmation {
+        Confirmation(Some(Box::new(settle)))
+    }
+
+    fn settle(mut self, taken: bool) {
+        if let Some(settle) = self.0.take() {
+            settle(taken);
+        }
+    }
+}
+
+impl Drop for Confirmation {
+    fn drop(&mut self) {
+        if let Some(settle) = self.0.take() {
+            settle(false);
+        }
+    }
+}
 
 /// One client connection's delivery confirmations: at most one answer waits for one at a time (HTTP/1.1
 /// answers go out in order; a later answer handed out confirms the earlier one, as the client asked again).
+///
+/// The answer waiting is kept here with what to run once it is confirmed, not in a task of its own: the
+/// connection's next read, its end, or one grace timer per connection settles it. The timer is a task
+/// spawned with the connection's first guarded answer; it sleeps until the waiting answer's grace ends, and a
+/// later answer only moves that deadline later (an answer confirmed by the next request leaves the timer
+/// due at the earlier deadline, where it finds the later one and sleeps again): no timer, channel or task per
+/// answer.
 #[derive(Default)]
 pub struct Delivery {
-    /// The confirmation waited for, settled with whether the client took the answer. A std mutex: a few
-    /// instructions, never held across an `.await`.
-    pending: Mutex<Option<oneshot::Sender<bool>>>,
-    /// Whether `pending` holds one: every read of the connection looks, and most find none.
+    /// A std mutex: a few instructions, never held across an `.await` or while a confirmation runs.
+    state: Mutex<State>,
+    /// Whether `state` holds an answer waiting: every read of the connection looks, and most find none.
     armed: AtomicBool,
+}
+
+#[derive(Default)]
+struct State {
+    /// The answer waiting for its confirmation, and when its grace ends.
+    pending: Option<(Confirmation, Instant)>,
+    /// The grace timer was spawned (once per connection).
+    timer: bool,
+    /// The timer's waker while it sleeps without a deadline (no answer waiting).
+    idle_timer: Option<Waker>,
+    /// The connection is done: what waits is decided by the socket's pending error after the grace
+    /// ([`Watched`]'s `Drop`), not by the timer.
+    closed: bool,
 }
 
 impl Delivery {
@@ -43,24 +88,42 @@ impl Delivery {
         Arc::default()
     }
 
-    /// An answer was handed to the connection: resolves to whether the client took it, at the latest after
-    /// `grace` (then it stayed open without a reset: taken).
-    pub fn handed_out(&self, grace: Duration) -> impl std::future::Future<Output = bool> + Send {
-        let (tx, rx) = oneshot::channel();
-        let earlier = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An answer was handed to the connection: `confirmed` runs with whether the client took it, at the
+    /// latest after `grace` (then it stayed open without a reset: taken). An answer still waiting is
+    /// confirmed by this one (taken: the client asked again).
+    pub fn handed_out(self: &Arc<Self>, grace: Duration, confirmed: Confirmation) {
+        let due = Instant::now() + grace;
+        let (earlier, wake, spawn) = {
+            let mut state = self.lock();
+            if state.closed {
+                // Handed to a connection that is done already: nobody can take it.
+                drop(state);
+                confirmed.settle(false);
+                return;
+            }
             self.armed.store(true, Ordering::Release);
-            pending.replace(tx)
+            let earlier = state.pending.replace((confirmed, due));
+            let spawn = !std::mem::replace(&mut state.timer, true);
+            (earlier, state.idle_timer.take(), spawn)
         };
-        if let Some(earlier) = earlier {
-            let _ = earlier.send(true);
+        if let Some((earlier, _)) = earlier {
+            earlier.settle(true);
         }
-        async move {
-            match tokio::time::timeout(grace, rx).await {
-                Ok(Ok(taken)) => taken,
-                // The connection went without a verdict (only when the process ends): unknown, so not taken.
-                Ok(Err(_)) => false,
-                Err(_) => true,
+        if let Some(wake) = wake {
+            wake.wake();
+        }
+        if spawn {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::spawn(GraceTimer {
+                    delivery: Arc::clone(self),
+                    sleep: Box::pin(tokio::time::sleep_until(due)),
+                });
+            } else {
+                self.lock().timer = false;
             }
         }
     }
@@ -71,17 +134,65 @@ impl Delivery {
             return;
         }
         let pending = {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.lock();
             self.armed.store(false, Ordering::Release);
-            pending.take()
+            state.pending.take()
         };
-        if let Some(pending) = pending {
-            let _ = pending.send(taken);
+        if let Some((pending, _)) = pending {
+            pending.settle(taken);
         }
     }
 
-    fn waited_for(&self) -> bool {
+    /// The connection is done: the timer stops; whether an answer waits (then the socket decides).
+    fn close(&self) -> bool {
+        let wake = {
+            let mut state = self.lock();
+            state.closed = true;
+            state.idle_timer.take()
+        };
+        if let Some(wake) = wake {
+            wake.wake();
+        }
         self.armed.load(Ordering::Acquire)
+    }
+}
+
+/// A connection's grace timer: confirms the answer waiting once its grace ended without a reset or a read.
+struct GraceTimer {
+    delivery: Arc<Delivery>,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Future for GraceTimer {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut state = self.delivery.lock();
+            if state.closed {
+                return Poll::Ready(());
+            }
+            let Some((_, due)) = state.pending else {
+                state.idle_timer = Some(cx.waker().clone());
+                return Poll::Pending;
+            };
+            if due <= Instant::now() {
+                let pending = state.pending.take();
+                self.delivery.armed.store(false, Ordering::Release);
+                drop(state);
+                if let Some((pending, _)) = pending {
+                    pending.settle(true);
+                }
+                continue;
+            }
+            drop(state);
+            if self.sleep.deadline() != due {
+                self.sleep.as_mut().reset(due);
+            }
+            if self.sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
     }
 }
 
@@ -193,7 +304,7 @@ impl<T: AsyncRead + SocketError + Send + Unpin + 'static> Drop for Watched<T> {
         let Some(io) = self.io.take() else {
             return;
         };
-        if !self.delivery.waited_for() || tokio::runtime::Handle::try_current().is_err() {
+        if !self.delivery.close() || tokio::runtime::Handle::try_current().is_err() {
             return;
         }
         let (delivery, grace) = (Arc::clone(&self.delivery), self.grace);
@@ -212,6 +323,18 @@ mod tests {
 
     const GRACE: Duration = Duration::from_millis(300);
 
+    /// Hands an answer out on `delivery`: resolves to whether the client took it.
+    fn handed_out(delivery: &Arc<Delivery>, grace: Duration) -> impl Future<Output = bool> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        delivery.handed_out(
+            grace,
+            Confirmation::new(move |taken| {
+                let _ = tx.send(taken);
+            }),
+        );
+        async move { rx.await.expect("every answer handed out is settled") }
+    }
+
     /// A connected pair: the server side watched, the client side raw.
     async fn pair() -> (Watched<TcpStream>, Arc<Delivery>, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -227,10 +350,46 @@ mod tests {
         )
     }
 
+    /// A later answer confirms the one still waiting; the connection's one timer confirms each answer a grace
+    /// after it was handed out, also after an earlier one was confirmed early; a closed connection stops it.
+    #[tokio::test(start_paused = true)]
+    async fn one_timer_confirms_each_answer_after_its_grace() {
+        let delivery = Delivery::new();
+        let first = handed_out(&delivery, GRACE);
+        tokio::time::sleep(GRACE / 3).await;
+        let second = handed_out(&delivery, GRACE);
+        assert!(first.await, "the client asked again");
+        let started = Instant::now();
+        assert!(second.await);
+        assert!(
+            started.elapsed() >= GRACE * 2 / 3,
+            "not before its own grace"
+        );
+
+        let third = handed_out(&delivery, GRACE);
+        tokio::time::sleep(GRACE / 10).await;
+        delivery.settle(false);
+        assert!(!third.await, "settled early, by the connection");
+        tokio::time::sleep(GRACE / 2).await;
+        let fourth = handed_out(&delivery, GRACE);
+        let started = Instant::now();
+        assert!(fourth.await);
+        assert!(started.elapsed() >= GRACE);
+
+        let fifth = handed_out(&delivery, GRACE);
+        assert!(delivery.close(), "an answer waits");
+        tokio::time::sleep(GRACE * 3).await;
+        delivery.settle(false);
+        assert!(
+            !fifth.await,
+            "once closed, the socket decides, not the timer"
+        );
+    }
+
     #[tokio::test]
     async fn the_next_request_confirms_the_answer() {
         let (mut server, delivery, mut client) = pair().await;
-        let taken = delivery.handed_out(Duration::from_secs(30));
+        let taken = handed_out(&delivery, Duration::from_secs(30));
         server.write_all(b"answer").await.unwrap();
         let mut got = [0u8; 6];
         client.read_exact(&mut got).await.unwrap();
@@ -243,7 +402,7 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_closes_with_the_answer_unread_refutes_it() {
         let (mut server, delivery, client) = pair().await;
-        let taken = delivery.handed_out(Duration::from_secs(30));
+        let taken = handed_out(&delivery, Duration::from_secs(30));
         server.write_all(b"answer").await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         drop(client); // unread data: the client's system resets the connection
@@ -257,7 +416,7 @@ mod tests {
         let (mut server, delivery, client) = pair().await;
         drop(client);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let taken = delivery.handed_out(Duration::from_secs(30));
+        let taken = handed_out(&delivery, Duration::from_secs(30));
         let _ = server.write_all(b"answer").await;
         // hyper reads the end of stream, shuts down and lets go of the connection; the reset comes after.
         let mut buf = [0u8; 16];
@@ -270,7 +429,7 @@ mod tests {
     #[tokio::test]
     async fn a_clean_close_after_reading_confirms_it() {
         let (mut server, delivery, mut client) = pair().await;
-        let taken = delivery.handed_out(Duration::from_secs(30));
+        let taken = handed_out(&delivery, Duration::from_secs(30));
         server.write_all(b"answer").await.unwrap();
         let _ = server.shutdown().await;
         let mut got = Vec::new();
@@ -283,7 +442,7 @@ mod tests {
     #[tokio::test]
     async fn an_open_connection_without_a_reset_confirms_it_after_the_grace() {
         let (mut server, delivery, mut client) = pair().await;
-        let taken = delivery.handed_out(GRACE);
+        let taken = handed_out(&delivery, GRACE);
         server.write_all(b"answer").await.unwrap();
         let mut got = [0u8; 6];
         client.read_exact(&mut got).await.unwrap();

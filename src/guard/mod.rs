@@ -1066,13 +1066,13 @@ impl Guard {
                 };
                 (outcome, Some(answer.clone()), Shared::Answer(answer))
             }
-            // Never sent: nothing was created.
-            Err(err @ ProxyError::Unreachable { .. }) => (
+            // Never sent: nothing was created (`ProxyError::sent`, the one rule).
+            Err(err) if !err.sent() => (
                 Outcome::Release(Reason::not_sent),
                 None,
                 Shared::Error(err.clone()),
             ),
-            // A buffered body cannot fail on the client's side: anything else may have reached the server.
+            // It may have reached the server.
             Err(err) => (
                 Outcome::Unknown(Reason::no_answer),
                 None,

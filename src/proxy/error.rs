@@ -136,7 +136,10 @@ impl ProxyError {
         }
     }
 
-    /// Whether the request may have reached a server (and so may have had an effect there).
+    /// Whether the call may have reached a server (and so may have had an effect there): the one at-most-once
+    /// rule for failures. The engine releases a leader's key only on a failure that is not sent; the log line
+    /// says it. `ClientBody`: part of the request went out before the client's body broke off.
+    /// `OutcomeUnknown`: an identical call may have.
     pub fn sent(&self) -> bool {
         matches!(
             self,
@@ -144,6 +147,8 @@ impl ProxyError {
                 | ProxyError::Broken { .. }
                 | ProxyError::ShuttingDown
                 | ProxyError::Internal { .. }
+                | ProxyError::ClientBody { .. }
+                | ProxyError::OutcomeUnknown { .. }
         )
     }
 }
@@ -224,6 +229,19 @@ mod tests {
         assert!(ProxyError::Broken {
             upstream: "a".into(),
             cause: "reset".into()
+        }
+        .sent());
+        // A body that broke off mid-request, and an identical call's unknown outcome, may have reached it.
+        assert!(ProxyError::ClientBody {
+            cause: "reset".into()
+        }
+        .sent());
+        assert!(ProxyError::OutcomeUnknown {
+            retry_after: Duration::from_secs(60)
+        }
+        .sent());
+        assert!(!ProxyError::StoreUnavailable {
+            cause: "down".into()
         }
         .sent());
         // runonce's own failures may come after sending: never re-sent, and not blamed on an upstream.

@@ -20,7 +20,11 @@
 //! An `unknown` key (the server may have acted, no answer is known) is never re-run: 409 with `Retry-After`.
 //! A duplicate told 409 because the call still ran is owed the answer: the record says so, and its retry is
 //! replayed on any replica. When the store fails, the route's policy answers: `fail-closed` (503) or
-//! `fail-open` (an in-process store, behind the same registry of this process's leaders).
+//! `fail-open` (an in-process store, behind the same registry of this process's leaders). An unknown `runJob`
+//! is resolved by asking PowerJob, and after the store lost its records a new leader asks first (`asking.rs`).
+//!
+//! The files: this one decides a request's role and runs the leader; `asking.rs` asks PowerJob;
+//! `completion.rs` writes a leader's verdict and its delivery; `replay.rs` renders a stored answer.
 
 pub mod auth;
 pub mod flights;
@@ -29,6 +33,10 @@ pub mod key;
 pub mod outcome;
 pub mod resolve;
 pub mod routes;
+
+mod asking;
+mod completion;
+mod replay;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -55,9 +63,12 @@ use crate::proxy::tap::Arm;
 use crate::proxy::upstream::Upstreams;
 use crate::store::memory::MemoryStore;
 use crate::store::{AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use asking::Asked;
+use completion::{note_change, Completion, Verdict, Write};
 use flights::{Flight, Flights, Shared};
 use heads::Heads;
 use outcome::{Outcome, Reason};
+use replay::{render_head, replay};
 use routes::{Route, Routes};
 
 /// The request header a client may key its request with (IETF httpapi idempotency-key draft).
@@ -411,35 +422,6 @@ impl Guard {
         })
     }
 
-    /// What a resolver looks for on the server for this call, sent from `sent_from` (wall clock ms); `None`
-    /// when it names no app and job as numbers (the server refuses it before any insert). Read again from the
-    /// request, only when PowerJob is asked: a duplicate's payload is its leader's, so a duplicate can resolve
-    /// a dead leader's key too.
-    fn lookup_of(call: &Call, sent_from: i64) -> Option<resolve::Lookup> {
-        let text = |name: &str| call.parts.headers.get(name).and_then(|v| v.to_str().ok());
-        let payload = key::payload(
-            &call.route.name,
-            text("content-type"),
-            call.parts.uri.query(),
-            &call.body,
-            text(crate::powerjob::APP_ID),
-            None,
-        )
-        .ok()?;
-        let (app, job, params, delay) =
-            resolve::Lookup::run_job(&payload.principal, &payload.fields)?;
-        let path = call.parts.uri.path();
-        Some(resolve::Lookup {
-            app,
-            job,
-            params_sha256: resolve::params_digest(&params),
-            prefix: path[..path.find("/openApi/").unwrap_or(0)].to_string(),
-            delay,
-            sent_from,
-            sent_to: wall_ms(),
-        })
-    }
-
     /// Claims the key and plays the role the record gives: leader, waiter or hit.
     async fn decide(
         self: &Arc<Self>,
@@ -663,290 +645,6 @@ impl Guard {
         (record.state != State::Released).then_some(record)
     }
 
-    /// Whether a duplicate that found `record` unknown asks PowerJob now: the route has a lookup, the record
-    /// and it turned unknown `resolve_after` ago (the server can no longer create it).
-    fn due_for_resolving(&self, call: &Call, record: &Record) -> bool {
-        let after = self.policy.load().resolve_after.as_millis() as u64;
-        call.route.resolve && record.settled_ago_ms.is_some_and(|ago| ago >= after)
-    }
-
-    /// Asks PowerJob, `resolve_after` from now, what the unknown call its leader ran in this process created,
-    /// with the leader's credentials (kept in memory, never written to the store).
-    fn resolve_later(self: &Arc<Self>, store: &AnyStore, call: &Call, owner: &str, sent_from: i64) {
-        let Some(lookup) = Self::lookup_of(call, sent_from) else {
-            return;
-        };
-        let after = self.policy.load().resolve_after;
-        let (this, store, key) = (Arc::clone(self), store.clone(), call.key.clone());
-        let (owner, parts, cut_off) = (owner.to_string(), call.parts.clone(), self.cut_off.clone());
-        tokio::spawn(async move {
-            // Kept with the record, for an operator's `POST /keys/{key}/resolve`.
-            if let Ok(json) = serde_json::to_string(&lookup) {
-                if let Err(err) = store.keep_lookup(&key, &owner, &json).await {
-                    metrics::get().store_errors.inc();
-                    tracing::warn!(key = key.prefix(), %err, "the lookup of the unknown call was not kept; a duplicate can still resolve it");
-                }
-            }
-            tokio::select! {
-                () = tokio::time::sleep(after) => {}
-                () = cut_off.cancelled() => return,
-            }
-            // A duplicate or an operator may have settled it meanwhile: the store's fencing makes this a no-op.
-            this.resolve(&store, &key, &owner, &lookup, &parts).await;
-        });
-    }
-
-    /// An operator's `POST /keys/{key}/resolve`: asks PowerJob now about the unknown call on `key`, with the
-    /// lookup its leader kept and the credentials of the operator's request (`X-POWERJOB-APP-ID` and
-    /// `X-POWERJOB-ACCESS-TOKEN`, when the server checks them), and settles the key by the answer. Returns the
-    /// admin's answer: its status and JSON body.
-    pub async fn resolve_by_key(
-        &self,
-        key: &Key,
-        operator: &http::HeaderMap,
-    ) -> Result<(http::StatusCode, serde_json::Value), StoreError> {
-        use http::StatusCode;
-        use serde_json::json;
-        let store = &self.store;
-        let record = match store.get(key).await? {
-            None => return Ok((StatusCode::NOT_FOUND, json!({"status": "no such key"}))),
-            Some(record) if record.state != State::Unknown => {
-                let status = format!(
-                    "the key is {}, not unknown: nothing to resolve",
-                    record.state.name()
-                );
-                return Ok((
-                    StatusCode::CONFLICT,
-                    json!({"status": status, "state": record.state.name()}),
-                ));
-            }
-            Some(record) => record,
-        };
-        let kept = store.lookup(key).await?;
-        let lookup = kept
-            .filter(|(owner, _)| *owner == record.owner)
-            .and_then(|(_, json)| serde_json::from_str::<resolve::Lookup>(&json).ok());
-        let Some(lookup) = lookup else {
-            let status = "no lookup is kept with this key (its leader's process ended before the outcome was \
-                          recorded, or its route has none): a duplicate after resolve_after resolves it, or check \
-                          the server and purge the key";
-            return Ok((StatusCode::UNPROCESSABLE_ENTITY, json!({"status": status})));
-        };
-        let mut parts = Request::new(()).into_parts().0;
-        parts.uri = format!("{}{}/runJob", lookup.prefix, crate::powerjob::WEB_PATH)
-            .parse()
-            .unwrap_or_default();
-        for name in [crate::powerjob::APP_ID, crate::powerjob::ACCESS_TOKEN] {
-            for value in operator.get_all(name) {
-                parts.headers.append(name, value.clone());
-            }
-        }
-        let asked = self
-            .resolve(store, key, &record.owner, &lookup, &parts)
-            .await;
-        let state = match store.get(key).await {
-            Ok(Some(record)) => record.state.name(),
-            Ok(None) => "gone",
-            Err(_) => "unread",
-        };
-        tracing::info!(key = key.prefix(), state, "admin: key resolution asked");
-        Ok(match asked {
-            Asked::Found(id) => (
-                StatusCode::OK,
-                json!({"result": "done", "instance": id, "state": state}),
-            ),
-            Asked::Nothing => (
-                StatusCode::OK,
-                json!({"result": "released", "state": state}),
-            ),
-            Asked::Ambiguous(n) => (
-                StatusCode::OK,
-                json!({"result": "ambiguous", "matching": n, "state": state}),
-            ),
-            Asked::Unsupported(why) => (
-                StatusCode::OK,
-                json!({"result": "unsupported", "why": why, "state": state}),
-            ),
-            Asked::Refused((head, body)) => (
-                StatusCode::FORBIDDEN,
-                json!({"result": "refused", "server_status": head.status.as_u16(),
-                       "server_body": String::from_utf8_lossy(&body), "state": state}),
-            ),
-            Asked::Failed(why) => (
-                StatusCode::BAD_GATEWAY,
-                json!({"result": "failed", "why": why, "state": state}),
-            ),
-            Asked::Elsewhere => (
-                StatusCode::OK,
-                json!({"result": "asked by another request", "state": state}),
-            ),
-        })
-    }
-
-    /// Asks PowerJob what the unknown call on `key` (its record created by `owner`) created, on behalf of the
-    /// request whose head is `parts`, and settles the key by the answer: done with the one matching instance,
-    /// released when there is none, unknown otherwise.
-    async fn resolve(
-        &self,
-        store: &AnyStore,
-        key: &Key,
-        owner: &str,
-        lookup: &resolve::Lookup,
-        parts: &request::Parts,
-    ) -> Asked {
-        let _asking = match self.resolving.begin(key) {
-            Ok(asking) => asking,
-            Err(mut done) => {
-                // Another request of this process asks: its verdict lands on the key.
-                let wait = self.policy.load().wait_timeout;
-                let _ = tokio::time::timeout(wait, done.changed()).await;
-                return Asked::Elsewhere;
-            }
-        };
-        // A request that read the key unknown just before another one's turn settled it.
-        if let Ok(Some(record)) = store.get(key).await {
-            if record.state != State::Unknown || record.owner != owner {
-                return Asked::Elsewhere;
-            }
-        }
-        let asked = self
-            .ask_powerjob(parts, lookup, wall_ms(), &|_| false)
-            .await;
-        let settle = |answer: Option<Stored>| async move {
-            match store.resolve(key, owner, answer.as_ref()).await {
-                Ok(settled) => settled,
-                Err(err) => {
-                    metrics::get().store_errors.inc();
-                    tracing::warn!(key = key.prefix(), %err, "resolution not recorded; the key stays unknown");
-                    false
-                }
-            }
-        };
-        let result = match &asked {
-            Asked::Found(id) => {
-                let (head, body) = resolve::resolved_answer(*id);
-                let settled = settle(Some(Stored {
-                    status: 200,
-                    head,
-                    body,
-                }))
-                .await;
-                tracing::info!(
-                    key = key.prefix(),
-                    instance = id,
-                    settled,
-                    "PowerJob has the unknown call's instance: done"
-                );
-                metrics::Resolution::done
-            }
-            Asked::Nothing => {
-                let settled = settle(None).await;
-                tracing::info!(
-                    key = key.prefix(),
-                    settled,
-                    "PowerJob has no instance of the unknown call: released"
-                );
-                metrics::Resolution::released
-            }
-            Asked::Ambiguous(n) => {
-                tracing::warn!(
-                    key = key.prefix(),
-                    matching = n,
-                    "several instances match the unknown call: it stays unknown"
-                );
-                metrics::Resolution::ambiguous
-            }
-            Asked::Unsupported(why) => {
-                tracing::info!(key = key.prefix(), %why, "the server cannot look up instances (queryInstance needs 5.1.1): the key stays unknown");
-                metrics::Resolution::unsupported
-            }
-            Asked::Refused(_) => {
-                tracing::info!(
-                    key = key.prefix(),
-                    "the server refused the asking request's token: nothing resolved"
-                );
-                metrics::Resolution::refused
-            }
-            Asked::Failed(why) => {
-                tracing::warn!(key = key.prefix(), %why, "asking PowerJob failed: the key stays unknown");
-                metrics::Resolution::failed
-            }
-            // Not asked here (handled above).
-            Asked::Elsewhere => return asked,
-        };
-        metrics::get().resolution(result);
-        asked
-    }
-
-    /// Pages through `queryInstance` for the instances that match `lookup`, created up to `until` (wall clock
-    /// ms; widened by the clock skew).
-    async fn ask_powerjob(
-        &self,
-        parts: &request::Parts,
-        lookup: &resolve::Lookup,
-        until: i64,
-        skip: &(dyn Fn(i64) -> bool + Sync),
-    ) -> Asked {
-        let now = until;
-        let mut found = Vec::new();
-        for index in 0..resolve::MAX_PAGES {
-            let body = Bytes::from(lookup.query(now, index).to_string());
-            let request = match auth::side_request(parts, "queryInstance", "application/json", body)
-            {
-                Ok(request) => request,
-                Err(err) => return Asked::Failed(format!("cannot build the query: {err}")),
-            };
-            let bound = self.upstreams.response_timeout().min(auth::VERIFY_TIMEOUT);
-            let answer = tokio::time::timeout(bound, async {
-                // No repair: the verdict on the token is the server's header as it came.
-                let (response, _) = self.upstreams.send(request, Arm::default()).await?;
-                let (head, incoming) = response.into_parts();
-                let body = Limited::new(incoming, MAX_ANSWER)
-                    .collect()
-                    .await
-                    .map_err(|err| ProxyError::Broken {
-                        upstream: "queryInstance".into(),
-                        cause: err.to_string(),
-                    })?
-                    .to_bytes();
-                Ok::<_, ProxyError>((head, body))
-            })
-            .await;
-            let (mut head, body) = match answer {
-                Ok(Ok(answer)) => answer,
-                Ok(Err(err)) => return Asked::Failed(err.to_string()),
-                Err(_) => return Asked::Failed(format!("no answer within {bound:?}")),
-            };
-            if head.status == http::StatusCode::OK && !auth::accepted(&head) {
-                headers::remove_hop_by_hop(&mut head.headers);
-                return Asked::Refused((head, body));
-            }
-            if head.status != http::StatusCode::OK {
-                return Asked::Failed(format!("HTTP {}", head.status.as_u16()));
-            }
-            match resolve::read_page(lookup, &body, index, now) {
-                resolve::Page::Found { ids, more } => {
-                    found.extend(ids.into_iter().filter(|id| !skip(*id)));
-                    if found.len() > 1 {
-                        return Asked::Ambiguous(found.len());
-                    }
-                    if !more {
-                        return found.first().map_or(Asked::Nothing, |id| Asked::Found(*id));
-                    }
-                }
-                resolve::Page::Unsupported(why) => return Asked::Unsupported(why),
-                // A 200 that is not a page: the server (or what answers in its place) has no such query.
-                resolve::Page::Malformed => {
-                    return Asked::Unsupported("the answer is not a page of instances".into())
-                }
-            }
-        }
-        Asked::Failed(format!(
-            "more than {} pages of instances in the call's window",
-            resolve::MAX_PAGES
-        ))
-    }
-
     /// `Some(the server's refusal)` when this duplicate's token is not the leader's and the server does not
     /// accept it; `None` when the stored answer may be replayed to it ([`auth`]).
     async fn check_token(
@@ -1145,52 +843,6 @@ impl Guard {
         ((counted, reason), led.map(|(led, _)| led))
     }
 
-    /// Records a leader's verdict on its key. When the store fails, the answer goes to the client at once and
-    /// the write is retried in the background (tracked, so shutdown waits for it) until it lands or the lease
-    /// runs out: the store's scripts are fenced by the token and the lease, so a late retry can never
-    /// overwrite another leader's record. Without the retry, a store blip at the end of a call would leave the
-    /// key to turn unknown, and every duplicate in the window would get 409 instead of the answer.
-    async fn record(
-        &self,
-        store: &AnyStore,
-        (key, window): (&Key, Duration),
-        token: &str,
-        verdict: Verdict,
-    ) -> Result<bool, StoreError> {
-        let first = verdict.write(store, key, token, window).await;
-        if first.is_ok() {
-            return first;
-        }
-        let deadline = Instant::now() + self.lease;
-        let (store, key, token) = (store.clone(), key.clone(), token.to_string());
-        let cut_off = self.cut_off.clone();
-        self.tracker.spawn(async move {
-            let mut pause = Duration::from_millis(100);
-            while Instant::now() + pause < deadline {
-                tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
-                    () = cut_off.cancelled() => return,
-                }
-                match verdict.write(&store, &key, &token, window).await {
-                    Ok(recorded) => {
-                        tracing::info!(key = key.prefix(), recorded, "outcome recorded on a retry");
-                        return;
-                    }
-                    Err(err) => {
-                        metrics::get().store_errors.inc();
-                        tracing::debug!(key = key.prefix(), %err, "outcome retry failed");
-                    }
-                }
-                pause = (pause * 2).min(Duration::from_secs(1));
-            }
-            tracing::warn!(
-                key = key.prefix(),
-                "outcome not recorded before the lease ran out; the key turns unknown"
-            );
-        });
-        first
-    }
-
     /// Sends a buffered request upstream and reads the whole answer.
     async fn call_upstream(
         &self,
@@ -1201,117 +853,6 @@ impl Guard {
         self.call_upstream_capturing(parts, body, repair)
             .await
             .map(|(led, _)| led)
-    }
-
-    /// [`Self::call_upstream`], also returning the answer's head as it came (for storing). The whole call
-    /// (connecting, the answer's head, its body) is bounded by one `upstream_timeout`, so that a duplicate
-    /// waiting `wait_timeout` (never shorter, see `config.rs`) sees its end.
-    /// The leader's call, sent, unless the store lost its records lately and PowerJob holds the instance a
-    /// forgotten copy of it created ([`Self::recall`]).
-    async fn send_unless_recalled(
-        &self,
-        store: &AnyStore,
-        call: &Call,
-        parts: request::Parts,
-        body: Bytes,
-    ) -> Result<(Led, Option<Bytes>), ProxyError> {
-        match self.recall(store, call).await {
-            Some(recalled) => recalled,
-            None => self.call_upstream_capturing(parts, body, call.repair).await,
-        }
-    }
-
-    /// When the store lost its records, while the quarantine lasts (the route's `window` from the loss) on
-    /// a route with a lookup; `None` otherwise (the usual case: a bool, a field and the clock).
-    ///
-    /// The route's `window`, not the key's: PowerJob keeps no `Idempotency-Key`, so it cannot tell a retry
-    /// from another key's call with the same parameters. Looking back a day for keyed calls would take a
-    /// job's every run of the day for the forgotten one; a minute catches the retries that follow a loss.
-    fn quarantined_since(&self, store: &AnyStore, call: &Call) -> Option<i64> {
-        if !self.quarantine || !call.route.resolve {
-            return None;
-        }
-        let lost = store.lost_at()?;
-        (wall_ms() - lost < call.route.window.as_millis() as i64).then_some(lost)
-    }
-
-    /// The quarantine (`store::epoch`): within the route's window after the store lost its records, a new
-    /// leader on a route with a lookup asks PowerJob for an instance of this call created within that window
-    /// before the loss (and not by this process's leaders since). One → the answer PowerJob gave the forgotten copy, rebuilt (`X-Runonce-Resolved`);
-    /// several → not sent (the key turns unknown, as a resolution leaves it). `None`: send the call (nothing
-    /// found, outside a quarantine, or PowerJob cannot tell).
-    async fn recall(
-        &self,
-        store: &AnyStore,
-        call: &Call,
-    ) -> Option<Result<(Led, Option<Bytes>), ProxyError>> {
-        let lost = self.quarantined_since(store, call)?;
-        let now = wall_ms();
-        let window = call.route.window.as_millis() as i64;
-        if self.cannot_look_up.load(Ordering::Relaxed) == lost {
-            return None;
-        }
-        if !self.handed_out.complete(lost) {
-            tracing::warn!("quarantine: too many instances created right after the loss to tell them apart; calls are sent unchecked");
-            return None;
-        }
-        // A forgotten copy was sent within the window before this call, and before the loss.
-        let lookup = Self::lookup_of(call, now - window)?;
-        let key = call.key.prefix();
-        // Instances this process's leaders created after the loss are their keys'.
-        let theirs = |id: i64| self.handed_out.contains(lost, id);
-        let asked = self
-            .ask_powerjob(&call.parts, &lookup, lost.min(now), &theirs)
-            .await;
-        let (result, recalled) = match asked {
-            Asked::Found(id) => {
-                tracing::info!(key, instance = id, "quarantine: PowerJob has this call's instance from before the store's loss; answering with it, not sending");
-                let (head, body) = resolve::resolved_answer(id);
-                let answer = match self.heads.replayed(&head).await {
-                    Ok(parts) => Ok((
-                        Led {
-                            parts,
-                            body,
-                            completion: None,
-                        },
-                        Some(head),
-                    )),
-                    Err(err) => Err(ProxyError::Internal {
-                        cause: format!("the resolved answer's head does not parse: {err}"),
-                    }),
-                };
-                (QuarantineCheck::found, Some(answer))
-            }
-            Asked::Nothing => (QuarantineCheck::none, None),
-            Asked::Ambiguous(n) => {
-                tracing::warn!(key, matching = n, "quarantine: several instances match this call and the store forgot which was its: not sent, the key is unknown");
-                let unknown = ProxyError::OutcomeUnknown {
-                    retry_after: call.info.window,
-                };
-                (QuarantineCheck::ambiguous, Some(Err(unknown)))
-            }
-            Asked::Unsupported(why) => {
-                tracing::warn!(%why, "quarantine: the server cannot look instances up (queryInstance needs 5.1.1); calls are sent unchecked until the next loss");
-                self.cannot_look_up.store(lost, Ordering::Relaxed);
-                (QuarantineCheck::unsupported, None)
-            }
-            Asked::Refused((parts, body)) => {
-                let led = Led {
-                    parts,
-                    body,
-                    completion: None,
-                };
-                (QuarantineCheck::refused, Some(Ok((led, None))))
-            }
-            Asked::Failed(why) => {
-                tracing::warn!(key, %why, "quarantine: asking PowerJob failed; the call is sent");
-                (QuarantineCheck::failed, None)
-            }
-            // Only a resolution shares its turn.
-            Asked::Elsewhere => return None,
-        };
-        metrics::get().quarantine_check(result);
-        recalled
     }
 
     /// The server requests go to first (the one that answered last): named in the errors of a call that
@@ -1382,139 +923,6 @@ impl Guard {
     }
 }
 
-/// Logs a leader's record write that did not land (`Ok(false)`: its key was taken from it).
-fn note_change(key: &Key, change: Result<bool, StoreError>) {
-    match change {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(
-            key = key.prefix(),
-            "the key was no longer this leader's: outcome not recorded"
-        ),
-        Err(err) => {
-            metrics::get().store_errors.inc();
-            tracing::warn!(key = key.prefix(), %err, "outcome not recorded yet; retrying while the lease lasts, else the key turns unknown");
-        }
-    }
-}
-
-/// A leader's definite answer, stored in one write with its delivery: once the client's connection confirmed
-/// whether the client took the body ([`Completion::handed_out`], `proxy::delivery`), or as not delivered when
-/// the body is dropped unread (the client went away). Until then the key stays in flight
-/// (duplicates wait, and are woken by the write), and the task tracker counts the completion, so that shutdown
-/// waits for it. A write that did not finish (the body dropped while it ran) is run again in a tracked task of
-/// its own: the store's scripts are idempotent for their leader, so a second landing changes nothing.
-struct Completion {
-    /// The write, until it finished.
-    write: Option<Write>,
-    /// Taken as delivered when handed out (no connection to watch): a write still owed on drop stores it so.
-    delivered: bool,
-    _pending: TaskTrackerToken,
-}
-
-/// A leader's answer and where it goes.
-struct Write {
-    guard: Arc<Guard>,
-    store: AnyStore,
-    key: Key,
-    window: Duration,
-    stored: Stored,
-    /// This process's registry entry of the leader (its owner token too): it goes once the store holds the
-    /// answer.
-    flight: Arc<Flight>,
-}
-
-impl Write {
-    /// Runs the write: at once when it finishes without waiting (the memory store's always does), else in a
-    /// tracked task. `_pending` keeps shutdown waiting until then. Outside a runtime (only while the process
-    /// ends) nothing can be written: the key turns unknown.
-    fn finish(self, delivered: bool, _pending: TaskTrackerToken) {
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let tracker = self.guard.tracker.clone();
-        let mut write = Box::pin(async move { self.run(delivered).await });
-        // Polled once here with a waker that does nothing: a write that has to wait is polled again at
-        // once by its task, which registers that task's waker instead.
-        let mut now = Context::from_waker(noop_waker());
-        if write.as_mut().poll(&mut now).is_pending() {
-            tracker.spawn(write);
-        }
-    }
-
-    async fn run(&self, delivered: bool) {
-        let verdict = Verdict::Done {
-            stored: self.stored.clone(),
-            delivered,
-        };
-        let at = (&self.key, self.window);
-        let change = self
-            .guard
-            .record(&self.store, at, &self.flight.token, verdict)
-            .await;
-        let linger = self.guard.policy.load().wait_timeout;
-        let landed = matches!(change, Ok(true));
-        self.guard
-            .flights
-            .finished(&self.key, &self.flight, landed, linger);
-        note_change(&self.key, change);
-    }
-}
-
-impl Completion {
-    /// The body was handed to the client's connection. With a `delivery` watch, the answer is stored once the
-    /// connection confirmed whether the client took it (see `proxy::delivery`): the data goes out now, and
-    /// identical calls wait meanwhile (the key is still in flight). The write waits on the connection itself,
-    /// counted by the task tracker, and runs where the confirmation comes (the next request's read, the grace
-    /// timer, the close), in a tracked task only when it cannot finish at once. Without a watch, it is stored
-    /// as delivered before the data goes out.
-    async fn handed_out(mut self, delivery: Option<Arc<Delivery>>, grace: Duration) {
-        match delivery {
-            Some(delivery) => {
-                let Some(write) = self.write.take() else {
-                    return;
-                };
-                let pending = write.guard.tracker.token();
-                delivery.handed_out(
-                    grace,
-                    Confirmation::new(move |taken| {
-                        if !taken {
-                            metrics::get().answers_not_taken.inc();
-                        }
-                        write.finish(taken, pending);
-                    }),
-                );
-            }
-            None => {
-                // Should the body be dropped while this runs, `Drop` runs the write again (as delivered).
-                self.delivered = true;
-                if let Some(write) = &self.write {
-                    write.run(true).await;
-                }
-                self.write = None;
-            }
-        }
-    }
-}
-
-impl Drop for Completion {
-    fn drop(&mut self) {
-        if let Some(write) = self.write.take() {
-            let pending = write.guard.tracker.token();
-            write.finish(self.delivered, pending);
-        }
-    }
-}
-
-/// A waker that does nothing (`Waker::noop` needs Rust 1.85).
-fn noop_waker() -> &'static Waker {
-    struct Noop;
-    impl Wake for Noop {
-        fn wake(self: Arc<Self>) {}
-    }
-    static NOOP: OnceLock<Waker> = OnceLock::new();
-    NOOP.get_or_init(|| Waker::from(Arc::new(Noop)))
-}
-
 /// The one log line and the metrics of a guarded request. `key` is `None` when it could not be keyed.
 fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &ProxyError>) {
     let metrics = metrics::get();
@@ -1557,24 +965,6 @@ fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &Pr
         status,
         "guarded request"
     );
-}
-
-/// What asking PowerJob about an unknown call gave (see [`resolve`]).
-enum Asked {
-    /// One matching instance: the call created it.
-    Found(i64),
-    /// None: nothing was created.
-    Nothing,
-    /// Several: cannot tell which is the call's.
-    Ambiguous(usize),
-    /// The server cannot answer the lookup (a 5.1.0 server cannot bind queryInstance's body).
-    Unsupported(String),
-    /// The server refused the asking request's credentials: its answer, for that caller.
-    Refused((response::Parts, Bytes)),
-    /// No usable answer.
-    Failed(String),
-    /// Another request of this process asked meanwhile; what it found is on the key.
-    Elsewhere,
 }
 
 /// What a waiter found.
@@ -1637,102 +1027,6 @@ fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ProxyError> {
         return bad("must be 1 to 255 visible ASCII characters");
     }
     Ok(Some(text))
-}
-
-/// A stored answer as the client receives it: its head as the server sent it, plus `Idempotent-Replayed`.
-/// `mark` records the delivery when this answer was never delivered before.
-async fn replay(
-    heads: &Heads,
-    stored: Stored,
-    mark: Option<(AnyStore, Key, String)>,
-) -> Response<Answer> {
-    let parts = match heads.replayed(&stored.head).await {
-        Ok(parts) => parts,
-        // Stored heads were parsed by hyper once already; this is a safety net, not a path.
-        Err(err) => {
-            tracing::warn!(%err, "stored head does not parse; replaying with a minimal head");
-            let mut response = Response::new(());
-            *response.status_mut() =
-                http::StatusCode::from_u16(stored.status).unwrap_or(http::StatusCode::OK);
-            response
-                .headers_mut()
-                .insert(REPLAYED, HeaderValue::from_static("true"));
-            response.into_parts().0
-        }
-    };
-    Response::from_parts(parts, delivered_body(stored.body, mark))
-}
-
-/// The body; when `mark` is given, the store records the delivery before the data goes out.
-fn delivered_body(body: Bytes, mark: Option<(AnyStore, Key, String)>) -> Answer {
-    let answer = Answer::new(body);
-    match mark {
-        None => answer,
-        Some((store, key, owner)) => answer.record_delivery(async move {
-            if let Err(err) = store.mark_delivered(&key, &owner).await {
-                metrics::get().store_errors.inc();
-                tracing::warn!(key = key.prefix(), %err, "delivery not recorded");
-            }
-        }),
-    }
-}
-
-/// A head rendered from parsed parts: the fallback when the tap could not keep the original bytes. Names come
-/// out lower-case but for the auth header, which keeps the case the 5.1.0 client looks for.
-fn render_head(parts: &response::Parts) -> Bytes {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\n",
-        parts.status.as_u16(),
-        parts.status.canonical_reason().unwrap_or("")
-    );
-    for (name, value) in &parts.headers {
-        let name = if name
-            .as_str()
-            .eq_ignore_ascii_case(crate::powerjob::AUTH_PASSED)
-        {
-            crate::powerjob::AUTH_PASSED
-        } else {
-            name.as_str()
-        };
-        head.push_str(name);
-        head.push_str(": ");
-        head.push_str(&String::from_utf8_lossy(value.as_bytes()));
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
-    Bytes::from(head)
-}
-
-/// What a leader's call left on its key.
-enum Verdict {
-    /// An answer to keep for the window; `delivered` when the client's connection takes it.
-    Done { stored: Stored, delivered: bool },
-    /// Nothing was created: the key is free again (the answer stays a little while for the waiters).
-    Release { answer: Option<Stored> },
-    /// The server may have acted: kept, never re-sent.
-    Unknown { answer: Option<Stored> },
-}
-
-impl Verdict {
-    async fn write(
-        &self,
-        store: &AnyStore,
-        key: &Key,
-        token: &str,
-        window: Duration,
-    ) -> Result<bool, StoreError> {
-        match self {
-            Verdict::Done { stored, delivered } => {
-                store.complete(key, token, stored, window, *delivered).await
-            }
-            Verdict::Release { answer } => store.release(key, token, answer.as_ref()).await,
-            Verdict::Unknown { answer } => {
-                store
-                    .mark_unknown(key, token, window, answer.as_ref())
-                    .await
-            }
-        }
-    }
 }
 
 /// Wall clock milliseconds since the Unix epoch (PowerJob's instance ids and trigger times are in these).

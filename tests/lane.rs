@@ -439,3 +439,117 @@ async fn a_large_answer_head_is_repaired_on_both_paths() {
         );
     }
 }
+
+/// What a client reads of an answer, for comparing the paths: the status line's code, the header names and
+/// values but `date` and `connection` (hyper's server adds a date; the connection's fate is each path's own),
+/// lower-cased and sorted, and the body.
+async fn seen_by_client(
+    proxy: std::net::SocketAddr,
+    request: &str,
+) -> (String, Vec<String>, String) {
+    use tokio::io::AsyncReadExt;
+    let mut client = TcpStream::connect(proxy).await.unwrap();
+    client.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(STEP, client.read_to_end(&mut answer))
+        .await
+        .expect("the answer, then the close")
+        .unwrap();
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    // A chunked body is compared decoded: the lane forwards the upstream's chunks as they came, hyper's path
+    // chunks anew; the client reads the same data.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut data = Vec::new();
+        runonce::http1::chunked::Chunks::default()
+            .decode(body.as_bytes(), &mut data)
+            .expect("a valid chunked body");
+        String::from_utf8_lossy(&data).to_string()
+    } else {
+        body.to_string()
+    };
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .unwrap_or("")
+        .split(' ')
+        .nth(1)
+        .unwrap_or("")
+        .to_string();
+    let mut headers: Vec<String> = lines
+        .map(|l| l.to_ascii_lowercase())
+        .filter(|l| !l.starts_with("date:") && !l.starts_with("connection:"))
+        .collect();
+    headers.sort();
+    (status, headers, body)
+}
+
+/// Odd but legal upstream answers reach the client the same way on the lane and on hyper's path: one table.
+#[tokio::test]
+async fn odd_answers_read_the_same_on_both_paths() {
+    let cases: &[(&str, &str, &[u8])] = &[
+        (
+            "a 304 with a length and no body",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 9\r\nETag: \"x\"\r\n\r\n",
+        ),
+        (
+            "a 204",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n",
+        ),
+        (
+            "an interim 103 before the answer",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ),
+        (
+            "a chunked answer with an extension",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;e=1\r\nok\r\n0\r\n\r\n",
+        ),
+        (
+            "an answer to HEAD with the length of what GET would send",
+            "HEAD /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nContent-Type: text/plain\r\n\r\n",
+        ),
+        (
+            "an HTTP/1.0 answer delimited by the close",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+        ),
+        (
+            "a Content-Length list of one value",
+            "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\nok",
+        ),
+    ];
+    let mut differ = Vec::new();
+    for (what, request, answer) in cases {
+        let answer = answer.to_vec();
+        // An answer with no length runs until the upstream closes.
+        let close = !String::from_utf8_lossy(&answer).contains("Content-Length")
+            && !String::from_utf8_lossy(&answer).contains("chunked")
+            && answer.starts_with(b"HTTP/1.0");
+        let upstream = RawUpstream::start(move |_| {
+            if close {
+                Script::Close(answer.clone())
+            } else {
+                Script::Answer(answer.clone())
+            }
+        })
+        .await;
+        let mut seen = Vec::new();
+        for lane in LANES {
+            let proxy = proxy(&[upstream.url()], &["--fast-lane", lane]);
+            seen.push(seen_by_client(proxy.addr("proxy"), request).await);
+        }
+        if seen[0] != seen[1] {
+            differ.push(format!("{what}: lane {:?}, hyper {:?}", seen[0], seen[1]));
+        }
+    }
+    assert!(differ.is_empty(), "{differ:#?}");
+}

@@ -488,8 +488,11 @@ impl Conn<'_> {
         wire.clear();
         let _ = write!(wire, "HTTP/1.1 {code} {}\r\n", head.reason.unwrap_or(""));
         for header in head.headers.iter() {
-            // A length beside chunked framing (or a close-delimited body) would mislead the client.
-            let stale_length = matches!(framing, Framing::Chunked | Framing::Close)
+            // A length beside chunked framing (or a close-delimited body) would mislead the client; a 204 or
+            // 304 goes without one, as hyper's path sends it (a `HEAD` answer keeps its).
+            let stale_length = (matches!(framing, Framing::Chunked | Framing::Close)
+                || code == 204
+                || code == 304)
                 && header.name.eq_ignore_ascii_case("content-length");
             // The body goes out framed as it came: `Content-Length` and `Transfer-Encoding` stay whatever
             // `Connection` names (dropping them would leave a kept-alive client reading the next answer as

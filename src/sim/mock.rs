@@ -138,16 +138,7 @@ impl FromStr for Mode {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Mode::ALL
-            .into_iter()
-            .find(|mode| mode.as_str() == s)
-            .ok_or_else(|| {
-                let allowed: Vec<&str> = Mode::ALL.iter().map(Mode::as_str).collect();
-                format!(
-                    "unknown mock mode `{s}`; expected one of: {}",
-                    allowed.join(", ")
-                )
-            })
+        by_name(&Mode::ALL, Mode::as_str, s, "mock mode")
     }
 }
 
@@ -155,6 +146,25 @@ impl fmt::Display for Mode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// The one of `all` whose `name` is `s`, or an error naming `what` and every name allowed.
+fn by_name<T: Copy>(
+    all: &[T],
+    name: fn(&T) -> &'static str,
+    s: &str,
+    what: &str,
+) -> Result<T, String> {
+    all.iter()
+        .copied()
+        .find(|item| name(item) == s)
+        .ok_or_else(|| {
+            let allowed: Vec<&str> = all.iter().map(name).collect();
+            format!(
+                "unknown {what} `{s}`; expected one of: {}",
+                allowed.join(", ")
+            )
+        })
 }
 
 /// What the mock does to an instance-creating call (`runJob`, `runWorkflow`) instead of answering it normally.
@@ -210,16 +220,7 @@ impl FromStr for FaultKind {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        FaultKind::ALL
-            .into_iter()
-            .find(|kind| kind.as_str() == s)
-            .ok_or_else(|| {
-                let allowed: Vec<&str> = FaultKind::ALL.iter().map(FaultKind::as_str).collect();
-                format!(
-                    "unknown fault `{s}`; expected one of: {}",
-                    allowed.join(", ")
-                )
-            })
+        by_name(&FaultKind::ALL, FaultKind::as_str, s, "fault")
     }
 }
 

@@ -317,3 +317,26 @@ async fn with_auth_on_an_operator_resolves_only_with_the_apps_token() {
     assert_eq!(accepted.json().unwrap()["result"], "done");
     assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
 }
+
+/// An operator may ask before `resolve_after`, but "nothing yet" is not "nothing": the server may still create
+/// the instance (a forward can take 5 s), so the key stays unknown and no duplicate reaches the server.
+#[tokio::test]
+async fn an_operator_asking_early_finds_nothing_yet_and_releases_nothing() {
+    let mock = faulty_mock("v5.1.1-auth-off", "close-without-create");
+    let proxy = patient_proxy(&mock);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    assert_eq!(run_job(addr).await.status, 502);
+    let key = the_unknown_key(admin).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = admin_call(admin, "POST", &format!("/keys/{key}/resolve"), "").await;
+    assert_eq!(asked.status, 200, "{}", asked.text());
+    let json: Value = asked.json().unwrap();
+    assert_eq!(
+        (json["result"].as_str(), json["state"].as_str()),
+        (Some("nothing yet"), Some("unknown")),
+        "{json}"
+    );
+    let duplicate = run_job(addr).await;
+    assert_eq!(duplicate.status, 409, "{}", duplicate.text());
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+}

@@ -70,7 +70,8 @@ impl Guard {
                 () = cut_off.cancelled() => return,
             }
             // A duplicate or an operator may have settled it meanwhile: the store's fencing makes this a no-op.
-            this.resolve(&store, &key, &owner, &lookup, &parts).await;
+            this.resolve(&store, &key, &owner, &lookup, &parts, true)
+                .await;
         });
     }
 
@@ -119,8 +120,11 @@ impl Guard {
                 parts.headers.append(name, value.clone());
             }
         }
+        // Before `resolve_after` the server may still create the instance: finding none then proves nothing.
+        let after = self.policy.load().resolve_after.as_millis() as u64;
+        let may_release = record.settled_ago_ms.is_some_and(|ago| ago >= after);
         let asked = self
-            .resolve(store, key, &record.owner, &lookup, &parts)
+            .resolve(store, key, &record.owner, &lookup, &parts, may_release)
             .await;
         let state = match store.get(key).await {
             Ok(Some(record)) => record.state.name(),
@@ -136,6 +140,10 @@ impl Guard {
             Asked::Nothing => (
                 StatusCode::OK,
                 json!({"result": "released", "state": state}),
+            ),
+            Asked::NothingYet => (
+                StatusCode::OK,
+                json!({"result": "nothing yet", "state": state}),
             ),
             Asked::Ambiguous(n) => (
                 StatusCode::OK,
@@ -163,7 +171,8 @@ impl Guard {
 
     /// Asks PowerJob what the unknown call on `key` (its record created by `owner`) created, on behalf of the
     /// request whose head is `parts`, and settles the key by the answer: done with the one matching instance,
-    /// released when there is none, unknown otherwise.
+    /// released when there is none (only when `may_release`: the call turned unknown `resolve_after` ago, so
+    /// the server can no longer create it), unknown otherwise.
     pub(super) async fn resolve(
         &self,
         store: &AnyStore,
@@ -171,6 +180,7 @@ impl Guard {
         owner: &str,
         lookup: &resolve::Lookup,
         parts: &request::Parts,
+        may_release: bool,
     ) -> Asked {
         let _asking = match self.resolving.begin(key) {
             Ok(asking) => asking,
@@ -217,6 +227,13 @@ impl Guard {
                 );
                 metrics::Resolution::done
             }
+            Asked::Nothing if !may_release => {
+                tracing::info!(
+                    key = key.prefix(),
+                    "PowerJob has no instance of the unknown call yet; before resolve_after that proves nothing: it stays unknown"
+                );
+                return Asked::NothingYet;
+            }
             Asked::Nothing => {
                 let settled = settle(None).await;
                 tracing::info!(
@@ -250,7 +267,7 @@ impl Guard {
                 metrics::Resolution::failed
             }
             // Not asked here (handled above).
-            Asked::Elsewhere => return asked,
+            Asked::Elsewhere | Asked::NothingYet => return asked,
         };
         metrics::get().resolution(result);
         asked
@@ -430,7 +447,7 @@ impl Guard {
                 (QuarantineCheck::failed, None)
             }
             // Only a resolution shares its turn.
-            Asked::Elsewhere => return None,
+            Asked::Elsewhere | Asked::NothingYet => return None,
         };
         metrics::get().quarantine_check(result);
         recalled
@@ -453,4 +470,6 @@ pub(super) enum Asked {
     Failed(String),
     /// Another request of this process asked meanwhile; what it found is on the key.
     Elsewhere,
+    /// None, asked before `resolve_after`: the server may still create it, so the key stays unknown.
+    NothingYet,
 }

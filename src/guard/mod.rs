@@ -517,8 +517,16 @@ impl Guard {
                     let sent_from = wall_ms() - record.age_ms as i64;
                     let asked = match Self::lookup_of(call, sent_from) {
                         Some(lookup) => {
-                            self.resolve(store, &call.key, &record.owner, &lookup, &call.parts)
-                                .await
+                            // Due: it turned unknown `resolve_after` ago.
+                            self.resolve(
+                                store,
+                                &call.key,
+                                &record.owner,
+                                &lookup,
+                                &call.parts,
+                                true,
+                            )
+                            .await
                         }
                         None => Asked::Failed("the call names no app and job to look for".into()),
                     };

@@ -138,17 +138,24 @@ impl ProxyError {
 
     /// Whether the call may have reached a server (and so may have had an effect there): the one at-most-once
     /// rule for failures. The engine releases a leader's key only on a failure that is not sent; the log line
-    /// says it. `ClientBody`: part of the request went out before the client's body broke off.
-    /// `OutcomeUnknown`: an identical call may have.
+    /// says it. Only what is certainly not sent is listed: a failure to connect, and refusals made before
+    /// anything was forwarded. Everything else may have been (`BodyTooLarge` and `ClientBody` also come from
+    /// a body cut off mid-stream; `OutcomeUnknown`: an identical call may have reached it).
     pub fn sent(&self) -> bool {
-        matches!(
+        !matches!(
             self,
-            ProxyError::Timeout { .. }
-                | ProxyError::Broken { .. }
-                | ProxyError::ShuttingDown
-                | ProxyError::Internal { .. }
-                | ProxyError::ClientBody { .. }
-                | ProxyError::OutcomeUnknown { .. }
+            ProxyError::Unreachable { .. }
+                | ProxyError::HeadTooLarge { .. }
+                | ProxyError::Method { .. }
+                | ProxyError::BadBody { .. }
+                | ProxyError::UnsupportedMediaType { .. }
+                | ProxyError::BodyTimeout { .. }
+                | ProxyError::BadIdempotencyKey { .. }
+                | ProxyError::KeyReused { .. }
+                | ProxyError::StillRunning { .. }
+                | ProxyError::StoreUnavailable { .. }
+                | ProxyError::AuthUnverified { .. }
+                | ProxyError::Forbidden { .. }
         )
     }
 }
@@ -244,6 +251,10 @@ mod tests {
             cause: "down".into()
         }
         .sent());
+        assert!(
+            ProxyError::BodyTooLarge { limit: 0 }.sent(),
+            "may be cut off mid-stream"
+        );
         // runonce's own failures may come after sending: never re-sent, and not blamed on an upstream.
         assert!(ProxyError::ShuttingDown.sent());
         assert_eq!(ProxyError::ShuttingDown.status(), 503);

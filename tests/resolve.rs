@@ -340,3 +340,46 @@ async fn an_operator_asking_early_finds_nothing_yet_and_releases_nothing() {
     assert_eq!(duplicate.status, 409, "{}", duplicate.text());
     assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
 }
+
+/// Two logical calls with the same payload under two `Idempotency-Key`s, on two replicas: the first was sent
+/// and never created (the server closed after reading it), the second created its instance. The first's
+/// resolution finds that instance in its window, but it is the other key's: the first is released and runs,
+/// once; it never takes the other call's id.
+#[tokio::test]
+async fn another_keys_instance_is_not_taken_for_this_ones() {
+    let redis = support::redis::RedisServer::start();
+    let mock = faulty_mock("v5.1.1-auth-off", "close-without-create");
+    let store = redis.url();
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--upstream-timeout",
+        "1s",
+        "--wait-timeout",
+        "1s",
+        "--resolve-after",
+        "1500ms",
+    ];
+    let upstream = [url(mock.addr("mock"))];
+    let (a, b) = (proxy(&upstream, &flags), proxy(&upstream, &flags));
+    let keyed = |addr: SocketAddr, key: &'static str| async move {
+        raw(
+            addr,
+            &form_post(RUN_JOB, FORM, &format!("Idempotency-Key: {key}\r\n")),
+        )
+        .await
+        .unwrap()
+    };
+    let first = keyed(a.addr("proxy"), "first").await;
+    assert_eq!(first.status, 502, "{}", first.text());
+    let second = keyed(b.addr("proxy"), "second").await;
+    assert_eq!(second.status, 200, "{}", second.text());
+    let theirs = second.json().unwrap()["data"].as_i64().unwrap();
+    tokio::time::sleep(AFTER + Duration::from_millis(500)).await;
+    let retry = keyed(a.addr("proxy"), "first").await;
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    let ours = retry.json().unwrap()["data"].as_i64().unwrap();
+    assert_ne!(ours, theirs, "the other key's instance");
+    assert_eq!(instances_of_job_5(mock.addr("mock")).await.len(), 2);
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 3);
+}

@@ -685,7 +685,23 @@ async fn unknown_records_keep_their_owners_lookup(store: &AnyStore) {
     );
 }
 
+/// An instance id noted as a key's answer names that key, until its time is up; other ids name none.
+async fn instances_are_noted_by_key_for_a_while(store: &AnyStore) {
+    let key = Key::parse(&"54".repeat(32)).unwrap();
+    let id = 1_009_267_231_168_659_456;
+    assert_eq!(store.instance_key(id).await.unwrap(), None);
+    store
+        .note_instance(id, &key, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(store.instance_key(id).await.unwrap(), Some(key));
+    assert_eq!(store.instance_key(id + 1).await.unwrap(), None);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.instance_key(id).await.unwrap(), None, "forgotten");
+}
+
 conformance!(
+    instances_are_noted_by_key_for_a_while,
     unknown_records_keep_their_owners_lookup,
     unknown_records_are_resolved_once_by_their_owner,
     claim_then_existing,

@@ -198,7 +198,7 @@ impl Guard {
             }
         }
         let asked = self
-            .ask_powerjob(parts, lookup, wall_ms(), &|_| false)
+            .ask_powerjob((store, key), parts, lookup, wall_ms(), &|_| false)
             .await;
         let settle = |answer: Option<Stored>| async move {
             match store.resolve(key, owner, answer.as_ref()).await {
@@ -274,14 +274,46 @@ impl Guard {
     }
 
     /// Pages through `queryInstance` for the instances that match `lookup`, created up to `until` (wall clock
-    /// ms; widened by the clock skew).
+    /// ms; widened by the clock skew), for the call on `key`. Left out: the ids `skip` names, and those the
+    /// store noted as another key's answer ([`Store::note_instance`]).
     pub(super) async fn ask_powerjob(
         &self,
+        (store, key): (&AnyStore, &Key),
         parts: &request::Parts,
         lookup: &resolve::Lookup,
         until: i64,
         skip: &(dyn Fn(i64) -> bool + Sync),
     ) -> Asked {
+        let found = match self.matching_instances(parts, lookup, until, skip).await {
+            Ok(found) => found,
+            Err(asked) => return asked,
+        };
+        let mut ours = Vec::with_capacity(found.len());
+        for id in found {
+            match store.instance_key(id).await {
+                Ok(Some(other)) if other != *key => {}
+                Ok(_) => ours.push(id),
+                Err(err) => {
+                    metrics::get().store_errors.inc();
+                    return Asked::Failed(format!("cannot tell whose instance {id} is: {err}"));
+                }
+            }
+        }
+        match ours[..] {
+            [] => Asked::Nothing,
+            [id] => Asked::Found(id),
+            _ => Asked::Ambiguous(ours.len()),
+        }
+    }
+
+    /// The ids of the instances that match `lookup` (see [`Self::ask_powerjob`]), or what ended the asking.
+    async fn matching_instances(
+        &self,
+        parts: &request::Parts,
+        lookup: &resolve::Lookup,
+        until: i64,
+        skip: &(dyn Fn(i64) -> bool + Sync),
+    ) -> Result<Vec<i64>, Asked> {
         let now = until;
         let mut found = Vec::new();
         for index in 0..resolve::MAX_PAGES {
@@ -289,7 +321,7 @@ impl Guard {
             let request = match auth::side_request(parts, "queryInstance", "application/json", body)
             {
                 Ok(request) => request,
-                Err(err) => return Asked::Failed(format!("cannot build the query: {err}")),
+                Err(err) => return Err(Asked::Failed(format!("cannot build the query: {err}"))),
             };
             let bound = self.upstreams.response_timeout().min(auth::VERIFY_TIMEOUT);
             let answer = tokio::time::timeout(bound, async {
@@ -309,37 +341,40 @@ impl Guard {
             .await;
             let (mut head, body) = match answer {
                 Ok(Ok(answer)) => answer,
-                Ok(Err(err)) => return Asked::Failed(err.to_string()),
-                Err(_) => return Asked::Failed(format!("no answer within {bound:?}")),
+                Ok(Err(err)) => return Err(Asked::Failed(err.to_string())),
+                Err(_) => return Err(Asked::Failed(format!("no answer within {bound:?}"))),
             };
             if head.status == http::StatusCode::OK && !auth::accepted(&head) {
                 headers::remove_hop_by_hop(&mut head.headers);
-                return Asked::Refused((head, body));
+                return Err(Asked::Refused((head, body)));
             }
             if head.status != http::StatusCode::OK {
-                return Asked::Failed(format!("HTTP {}", head.status.as_u16()));
+                return Err(Asked::Failed(format!("HTTP {}", head.status.as_u16())));
             }
             match resolve::read_page(lookup, &body, index, now) {
                 resolve::Page::Found { ids, more } => {
                     found.extend(ids.into_iter().filter(|id| !skip(*id)));
-                    if found.len() > 1 {
-                        return Asked::Ambiguous(found.len());
+                    // Each candidate is checked against the store: a few at most are worth it.
+                    if found.len() > MAX_CANDIDATES {
+                        return Err(Asked::Ambiguous(found.len()));
                     }
                     if !more {
-                        return found.first().map_or(Asked::Nothing, |id| Asked::Found(*id));
+                        return Ok(found);
                     }
                 }
-                resolve::Page::Unsupported(why) => return Asked::Unsupported(why),
+                resolve::Page::Unsupported(why) => return Err(Asked::Unsupported(why)),
                 // A 200 that is not a page: the server (or what answers in its place) has no such query.
                 resolve::Page::Malformed => {
-                    return Asked::Unsupported("the answer is not a page of instances".into())
+                    return Err(Asked::Unsupported(
+                        "the answer is not a page of instances".into(),
+                    ))
                 }
             }
         }
-        Asked::Failed(format!(
+        Err(Asked::Failed(format!(
             "more than {} pages of instances in the call's window",
             resolve::MAX_PAGES
-        ))
+        )))
     }
 
     /// [`Self::call_upstream`], also returning the answer's head as it came (for storing). The whole call
@@ -400,7 +435,13 @@ impl Guard {
         // Instances this process's leaders created after the loss are their keys'.
         let theirs = |id: i64| self.handed_out.contains(lost, id);
         let asked = self
-            .ask_powerjob(&call.parts, &lookup, lost.min(now), &theirs)
+            .ask_powerjob(
+                (store, &call.key),
+                &call.parts,
+                &lookup,
+                lost.min(now),
+                &theirs,
+            )
             .await;
         let (result, recalled) = match asked {
             Asked::Found(id) => {
@@ -453,6 +494,9 @@ impl Guard {
         recalled
     }
 }
+
+/// Most matching instances checked against the store's notes ([`Guard::ask_powerjob`]); more is ambiguous.
+const MAX_CANDIDATES: usize = 16;
 
 /// What asking PowerJob about an unknown call gave (see [`resolve`]).
 pub(super) enum Asked {

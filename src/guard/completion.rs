@@ -87,6 +87,9 @@ pub(super) struct Write {
     pub(super) key: Key,
     pub(super) window: Duration,
     pub(super) stored: Stored,
+    /// The instance id the answer carries, to be noted as this key's ([`Store::note_instance`]): only for
+    /// a client-keyed call on a route with a lookup.
+    pub(super) instance: Option<i64>,
     /// This process's registry entry of the leader (its owner token too): it goes once the store holds the
     /// answer.
     pub(super) flight: Arc<Flight>,
@@ -126,6 +129,12 @@ impl Write {
             .flights
             .finished(&self.key, &self.flight, landed, linger);
         note_change(&self.key, change);
+        if let (true, Some(id)) = (landed, self.instance) {
+            if let Err(err) = self.store.note_instance(id, &self.key, self.window).await {
+                metrics::get().store_errors.inc();
+                tracing::warn!(key = self.key.prefix(), instance = id, %err, "the instance was not noted as this key's: another key's resolution may count it");
+            }
+        }
     }
 }
 

@@ -798,6 +798,11 @@ impl Guard {
                 // (see `Completion`): the usual call then costs the store two operations, not three.
                 let mut led = led;
                 if let (Ok((led, _)), Some(stored)) = (&mut led, answer) {
+                    // Two keys can name the same payload only when a client keys it: such a call's instance
+                    // is noted as its key's, so that the other key's resolution leaves it out.
+                    let instance = (call.client_keyed && call.route.resolve)
+                        .then(|| resolve::instance_id(&stored.body))
+                        .flatten();
                     led.completion = Some(Completion {
                         write: Some(Write {
                             guard: Arc::clone(self),
@@ -805,6 +810,7 @@ impl Guard {
                             key: key.clone(),
                             window: call.info.window,
                             stored,
+                            instance,
                             flight: Arc::clone(flight),
                         }),
                         delivered: false,

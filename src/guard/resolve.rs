@@ -228,7 +228,7 @@ impl HandedOut {
 }
 
 /// The `data` of a PowerJob answer when it is an instance id (`runJob`'s).
-fn instance_id(body: &[u8]) -> Option<i64> {
+pub fn instance_id(body: &[u8]) -> Option<i64> {
     let value: Value = serde_json::from_slice(body).ok()?;
     (value.get("success")? == true).then_some(())?;
     value.get("data")?.as_i64()

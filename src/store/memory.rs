@@ -33,12 +33,18 @@ pub struct MemoryStore {
     /// When each client last called `/authApp`, and until when that is remembered (see `Store::note_auth`).
     /// A lock of its own: it is used on another path than the records.
     auth_calls: Mutex<HashMap<String, (Instant, Instant)>>,
+    /// Which key each recently answered instance id went to, and until when (see `Store::note_instance`).
+    instances: Mutex<HashMap<i64, (Key, Instant)>>,
     /// When it started (wall clock ms): it lost whatever a predecessor held then (see `store::epoch`).
     started_ms: i64,
 }
 
 /// Most clients whose `/authApp` calls are remembered at once.
 const MAX_AUTH_CALLS: usize = 4096;
+/// Most instance ids remembered at once; beyond, the oldest noted are forgotten first (a resolution may then
+/// count another key's instance as a candidate: ambiguous, or taken for a call that created none; never a
+/// second instance).
+const MAX_INSTANCES: usize = 100_000;
 
 #[derive(Default)]
 struct Inner {
@@ -87,6 +93,7 @@ impl MemoryStore {
             max_keys: max_keys.max(1),
             linger,
             auth_calls: Mutex::default(),
+            instances: Mutex::default(),
             started_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_millis() as i64),
@@ -410,6 +417,32 @@ impl Store for MemoryStore {
             .map(|(at, _)| now.saturating_duration_since(*at).as_millis() as u64))
     }
 
+    async fn note_instance(&self, id: i64, key: &Key, within: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let mut noted = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        if noted.len() >= MAX_INSTANCES {
+            noted.retain(|_, (_, until)| *until > now);
+            if noted.len() >= MAX_INSTANCES {
+                // All still remembered: forget the half that goes soonest.
+                let mut untils: Vec<Instant> = noted.values().map(|(_, until)| *until).collect();
+                let (_, middle, _) = untils.select_nth_unstable(MAX_INSTANCES / 2);
+                let middle = *middle;
+                noted.retain(|_, (_, until)| *until > middle);
+            }
+        }
+        noted.insert(id, (key.clone(), now + within));
+        Ok(())
+    }
+
+    async fn instance_key(&self, id: i64) -> Result<Option<Key>, StoreError> {
+        let now = Instant::now();
+        let noted = self.instances.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(noted
+            .get(&id)
+            .filter(|(_, until)| *until > now)
+            .map(|(key, _)| key.clone()))
+    }
+
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {
         Ok(self.lock().remove(key))
     }
@@ -606,6 +639,32 @@ mod tests {
             head: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"),
             body: Bytes::from_static(b"{}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn noted_instances_are_bounded_and_the_soonest_to_go_are_forgotten_first() {
+        let store = MemoryStore::new(3, Duration::ZERO);
+        let last = MAX_INSTANCES as i64;
+        for id in 0..last {
+            // Later ids are kept longer.
+            let within = Duration::from_secs(60 + id as u64);
+            store.note_instance(id, &key(1), within).await.unwrap();
+        }
+        store
+            .note_instance(last, &key(2), Duration::from_secs(60))
+            .await
+            .unwrap();
+        let noted = store.instances.lock().unwrap().len();
+        assert!(noted <= MAX_INSTANCES / 2 + 1, "{noted}");
+        assert_eq!(store.instance_key(0).await.unwrap(), None, "went soonest");
+        assert_eq!(store.instance_key(last - 1).await.unwrap(), Some(key(1)));
+        assert_eq!(store.instance_key(last).await.unwrap(), Some(key(2)));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert_eq!(
+            store.instance_key(last).await.unwrap(),
+            None,
+            "its time is up"
+        );
     }
 
     #[tokio::test(start_paused = true)]

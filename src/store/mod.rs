@@ -317,6 +317,19 @@ pub trait Store: Send + Sync {
         client: &str,
     ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
 
+    /// Notes that PowerJob's instance `id` is the answer of the call on `key`, for `within`: a resolution
+    /// of another key that finds this instance in its window leaves it out (see `guard::resolve`).
+    fn note_instance(
+        &self,
+        id: i64,
+        key: &Key,
+        within: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// The key whose call was answered with instance `id`, while that is remembered.
+    fn instance_key(&self, id: i64)
+        -> impl Future<Output = Result<Option<Key>, StoreError>> + Send;
+
     /// Deletes the record whatever its state (operators: to release an `Unknown`).
     fn purge(&self, key: &Key) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
@@ -433,6 +446,14 @@ impl Store for AnyStore {
 
     async fn auth_since(&self, client: &str) -> Result<Option<u64>, StoreError> {
         each!(self, s => s.auth_since(client).await)
+    }
+
+    async fn note_instance(&self, id: i64, key: &Key, within: Duration) -> Result<(), StoreError> {
+        each!(self, s => s.note_instance(id, key, within).await)
+    }
+
+    async fn instance_key(&self, id: i64) -> Result<Option<Key>, StoreError> {
+        each!(self, s => s.instance_key(id).await)
     }
 
     async fn purge(&self, key: &Key) -> Result<bool, StoreError> {

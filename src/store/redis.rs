@@ -684,6 +684,34 @@ impl Store for RedisStore {
         }
     }
 
+    async fn note_instance(&self, id: i64, key: &Key, within: Duration) -> Result<(), StoreError> {
+        let within = millis(within);
+        self.eval_at(
+            "note_instance",
+            &scripts().note_instance,
+            &instance_key(id),
+            &[key.as_str().as_bytes(), within.as_bytes()],
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn instance_key(&self, id: i64) -> Result<Option<Key>, StoreError> {
+        match self
+            .eval_at(
+                "instance_key",
+                &scripts().instance_key,
+                &instance_key(id),
+                &[],
+            )
+            .await?
+        {
+            Value::Nil => Ok(None),
+            Value::BulkString(text) => Ok(std::str::from_utf8(&text).ok().and_then(Key::parse)),
+            other => Err(unexpected("instance_key", &other)),
+        }
+    }
+
     /// `SCAN`s for `runonce:{*}` hashes on the one server, or on every master of a Cluster (each holds part of
     /// the keyspace), and reads each record with the `get` script.
     async fn list(&self, filter: Listing, limit: usize) -> Result<Vec<(Key, Record)>, StoreError> {
@@ -868,6 +896,11 @@ fn record_key(key: &Key) -> String {
 }
 
 /// The record's change channel: `runonce:{<key>}:changed`.
+/// Where the key an instance id went to is noted: `runonce:instance:{<id>}` (its own hash slot).
+fn instance_key(id: i64) -> String {
+    format!("runonce:instance:{{{id}}}")
+}
+
 /// Where a client's last `/authApp` call is noted: `runonce:auth:{<client>}` (its own hash slot).
 fn auth_key(client: &str) -> String {
     format!("runonce:auth:{{{client}}}")
@@ -910,6 +943,8 @@ struct Scripts {
     resolve: Script,
     note_auth: Script,
     auth_since: Script,
+    note_instance: Script,
+    instance_key: Script,
     get: Script,
     purge: Script,
     in_flight: Script,
@@ -936,6 +971,8 @@ fn scripts() -> &'static Scripts {
         resolve: script!("lua/resolve.lua"),
         note_auth: script!("lua/note_auth.lua"),
         auth_since: script!("lua/auth_since.lua"),
+        note_instance: script!("lua/note_instance.lua"),
+        instance_key: script!("lua/instance_key.lua"),
         get: script!("lua/get.lua"),
         purge: script!("lua/purge.lua"),
         in_flight: script!("lua/in_flight.lua"),

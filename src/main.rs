@@ -65,6 +65,9 @@ struct MockArgs {
     /// Delay added to runJob/runWorkflow answers, after the instance is created (milliseconds).
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// Delay added to queryInstance answers (milliseconds): a slow lookup.
+    #[arg(long, default_value_t = 0)]
+    query_latency_ms: u64,
     /// The one app this server knows.
     #[arg(long, default_value = "my-app")]
     app_name: String,
@@ -210,6 +213,7 @@ async fn mock_powerjob(args: MockArgs) -> ExitCode {
     let options = MockOptions {
         mode: args.mode,
         latency: Duration::from_millis(args.latency_ms),
+        query_latency: Duration::from_millis(args.query_latency_ms),
         app_name: args.app_name,
         password: args.password,
         app_id: args.app_id,

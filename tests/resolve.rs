@@ -142,6 +142,8 @@ async fn two_matching_instances_stay_unknown_and_are_never_sent_again() {
         assert_eq!(duplicate.json().unwrap()["code"], "RUNONCE_OUTCOME_UNKNOWN");
     }
     assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
+    // The leader's own resolution and the duplicates', within resolve_after of each other: asked once.
+    assert_eq!(queries_sent(mock.addr("mock")).await, 1);
 }
 
 #[tokio::test]
@@ -382,4 +384,55 @@ async fn another_keys_instance_is_not_taken_for_this_ones() {
     assert_ne!(ours, theirs, "the other key's instance");
     assert_eq!(instances_of_job_5(mock.addr("mock")).await.len(), 2);
     assert_eq!(run_jobs_sent(mock.addr("mock")).await, 3);
+}
+
+/// Duplicates that arrive on two replicas while one of them asks PowerJob wait for that answer, whichever
+/// replica they reach: one query (slow here, 0.7 s), one instance, the same id for both.
+#[tokio::test]
+async fn duplicates_on_another_replica_wait_for_the_resolution_under_way() {
+    let redis = support::redis::RedisServer::start();
+    let mock = mock_with(
+        "v5.1.1-auth-off",
+        &[
+            "--fault",
+            "stall-after-create",
+            "--fault-count",
+            "1",
+            "--query-latency-ms",
+            "700",
+        ],
+    );
+    let store = redis.url();
+    let flags = [
+        "--store",
+        store.as_str(),
+        "--upstream-timeout",
+        "1s",
+        "--wait-timeout",
+        "5s",
+        "--resolve-after",
+        "1500ms",
+        "--after-delivery",
+        "replay",
+    ];
+    let upstream = [url(mock.addr("mock"))];
+    let leader = proxy(&upstream, &flags);
+    assert_eq!(run_job(leader.addr("proxy")).await.status, 504);
+    drop(leader);
+    let (b, c) = (proxy(&upstream, &flags), proxy(&upstream, &flags));
+    tokio::time::sleep(AFTER).await;
+    let before = queries_sent(mock.addr("mock")).await;
+    let on_b = tokio::spawn(run_job(b.addr("proxy")));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let on_c = tokio::spawn(run_job(c.addr("proxy")));
+    let answers = [on_b.await.unwrap(), on_c.await.unwrap()];
+    let asked = queries_sent(mock.addr("mock")).await - before;
+    let created = instances_of_job_5(mock.addr("mock")).await;
+    assert_eq!(created.len(), 1);
+    for answer in answers {
+        assert_eq!(answer.status, 200, "{}", answer.text());
+        assert_eq!(answer.json().unwrap()["data"].as_i64(), Some(created[0]));
+    }
+    assert_eq!(asked, 1, "one query for both replicas' duplicates");
+    assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
 }

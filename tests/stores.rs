@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use runonce::store::memory::MemoryStore;
 use runonce::store::redis::RedisStore;
-use runonce::store::{new_token, AnyStore, Claim, ClaimInfo, Key, Record, State, Store, Stored};
+use runonce::store::{
+    new_token, AnyStore, Claim, ClaimInfo, Key, Record, State, Store, Stored, Turn,
+};
 use support::redis::{RedisCluster, RedisServer};
 
 /// The operation time-out the Redis stores get in these tests.
@@ -700,7 +702,49 @@ async fn instances_are_noted_by_key_for_a_while(store: &AnyStore) {
     assert_eq!(store.instance_key(id).await.unwrap(), None, "forgotten");
 }
 
+/// One request at a time has the turn to ask about an unknown record: the others are told it is busy until
+/// the turn ends or its lease runs out; a turn that left it unknown is not taken again within the gap; a
+/// settled record has no turn.
+async fn one_turn_at_a_time_to_ask_about_an_unknown_record(store: &AnyStore) {
+    let info = info(5_000, 60_000);
+    let key = Key::parse(&"55".repeat(32)).unwrap();
+    let (lease, gap) = (Duration::from_millis(300), Duration::from_millis(400));
+    let token = lead(store, &key, &info).await;
+    assert_eq!(
+        store.ask_turn(&key, &token, lease, gap).await.unwrap(),
+        Turn::Settled,
+        "in flight: not unknown"
+    );
+    assert!(store
+        .mark_unknown(&key, &token, info.window, None)
+        .await
+        .unwrap());
+    let turn = |owner: &str| {
+        let (store, key, owner) = (store.clone(), key.clone(), owner.to_string());
+        async move { store.ask_turn(&key, &owner, lease, gap).await.unwrap() }
+    };
+    assert_eq!(turn("someone-else").await, Turn::Settled, "not its record");
+    assert_eq!(turn(&token).await, Turn::Yours);
+    assert_eq!(turn(&token).await, Turn::Busy);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(turn(&token).await, Turn::Yours, "the lease ran out");
+    assert!(store.end_turn(&key, &token).await.unwrap());
+    assert_eq!(turn(&token).await, Turn::Asked, "asked lately");
+    assert_eq!(
+        store
+            .ask_turn(&key, &token, lease, Duration::ZERO)
+            .await
+            .unwrap(),
+        Turn::Yours,
+        "no gap: asked again"
+    );
+    assert!(store.resolve(&key, &token, None).await.unwrap());
+    assert_eq!(turn(&token).await, Turn::Settled);
+    assert!(!store.end_turn(&key, &token).await.unwrap());
+}
+
 conformance!(
+    one_turn_at_a_time_to_ask_about_an_unknown_record,
     instances_are_noted_by_key_for_a_while,
     unknown_records_keep_their_owners_lookup,
     unknown_records_are_resolved_once_by_their_owner,

@@ -70,7 +70,8 @@ impl Guard {
                 () = cut_off.cancelled() => return,
             }
             // A duplicate or an operator may have settled it meanwhile: the store's fencing makes this a no-op.
-            this.resolve(&store, &key, &owner, &lookup, &parts, true)
+            let gap = this.policy.load().resolve_after;
+            this.resolve(&store, &key, (&owner, &lookup), &parts, true, gap)
                 .await;
         });
     }
@@ -124,7 +125,14 @@ impl Guard {
         let after = self.policy.load().resolve_after.as_millis() as u64;
         let may_release = record.settled_ago_ms.is_some_and(|ago| ago >= after);
         let asked = self
-            .resolve(store, key, &record.owner, &lookup, &parts, may_release)
+            .resolve(
+                store,
+                key,
+                (&record.owner, &lookup),
+                &parts,
+                may_release,
+                Duration::ZERO,
+            )
             .await;
         let state = match store.get(key).await {
             Ok(Some(record)) => record.state.name(),
@@ -162,7 +170,7 @@ impl Guard {
                 StatusCode::BAD_GATEWAY,
                 json!({"result": "failed", "why": why, "state": state}),
             ),
-            Asked::Elsewhere => (
+            Asked::Elsewhere | Asked::Lately => (
                 StatusCode::OK,
                 json!({"result": "asked by another request", "state": state}),
             ),
@@ -172,34 +180,64 @@ impl Guard {
     /// Asks PowerJob what the unknown call on `key` (its record created by `owner`) created, on behalf of the
     /// request whose head is `parts`, and settles the key by the answer: done with the one matching instance,
     /// released when there is none (only when `may_release`: the call turned unknown `resolve_after` ago, so
-    /// the server can no longer create it), unknown otherwise.
+    /// the server can no longer create it), unknown otherwise. One request asks at a time, on every replica
+    /// (the store's turn, [`Store::ask_turn`]); the others wait for its verdict up to `wait_timeout`. A turn
+    /// that left the key unknown less than `gap` ago is not asked again.
     pub(super) async fn resolve(
         &self,
         store: &AnyStore,
         key: &Key,
-        owner: &str,
-        lookup: &resolve::Lookup,
+        (owner, lookup): (&str, &resolve::Lookup),
         parts: &request::Parts,
         may_release: bool,
+        gap: Duration,
     ) -> Asked {
-        let _asking = match self.resolving.begin(key) {
-            Ok(asking) => asking,
-            Err(mut done) => {
-                // Another request of this process asks: its verdict lands on the key.
-                let wait = self.policy.load().wait_timeout;
-                let _ = tokio::time::timeout(wait, done.changed()).await;
-                return Asked::Elsewhere;
-            }
-        };
-        // A request that read the key unknown just before another one's turn settled it.
-        if let Ok(Some(record)) = store.get(key).await {
-            if record.state != State::Unknown || record.owner != owner {
-                return Asked::Elsewhere;
+        let deadline = tokio::time::Instant::now() + self.policy.load().wait_timeout;
+        loop {
+            match store.ask_turn(key, owner, resolve::ASK_LEASE, gap).await {
+                Ok(Turn::Yours) => break,
+                // Its verdict is on the key.
+                Ok(Turn::Settled) => return Asked::Elsewhere,
+                Ok(Turn::Asked) => return Asked::Lately,
+                Ok(Turn::Busy) => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    if left.is_zero() {
+                        return Asked::Elsewhere;
+                    }
+                    store.changed(key, left.min(POLL)).await;
+                }
+                Err(err) => {
+                    metrics::get().store_errors.inc();
+                    return Asked::Failed(format!("cannot take the turn to ask: {err}"));
+                }
             }
         }
-        let asked = self
-            .ask_powerjob((store, key), parts, lookup, wall_ms(), &|_| false)
-            .await;
+        let asked = tokio::time::timeout(
+            resolve::ASK_LEASE,
+            self.ask_powerjob((store, key), parts, lookup, wall_ms(), &|_| false),
+        )
+        .await
+        .unwrap_or_else(|_| Asked::Failed(format!("no verdict within {:?}", resolve::ASK_LEASE)));
+        let asked = self.settle_by(store, key, owner, asked, may_release).await;
+        if !matches!(asked, Asked::Found(_) | Asked::Nothing) {
+            // Left unknown: the turn is free again, and the waiters read that.
+            if let Err(err) = store.end_turn(key, owner).await {
+                metrics::get().store_errors.inc();
+                tracing::warn!(key = key.prefix(), %err, "the turn to ask was not given back; it ends with its lease");
+            }
+        }
+        asked
+    }
+
+    /// Settles the unknown key by what PowerJob said (see [`Self::resolve`]); logs and counts it.
+    async fn settle_by(
+        &self,
+        store: &AnyStore,
+        key: &Key,
+        owner: &str,
+        asked: Asked,
+        may_release: bool,
+    ) -> Asked {
         let settle = |answer: Option<Stored>| async move {
             match store.resolve(key, owner, answer.as_ref()).await {
                 Ok(settled) => settled,
@@ -266,8 +304,8 @@ impl Guard {
                 tracing::warn!(key = key.prefix(), %why, "asking PowerJob failed: the key stays unknown");
                 metrics::Resolution::failed
             }
-            // Not asked here (handled above).
-            Asked::Elsewhere | Asked::NothingYet => return asked,
+            // Not asked here.
+            Asked::Elsewhere | Asked::Lately | Asked::NothingYet => return asked,
         };
         metrics::get().resolution(result);
         asked
@@ -488,7 +526,7 @@ impl Guard {
                 (QuarantineCheck::failed, None)
             }
             // Only a resolution shares its turn.
-            Asked::Elsewhere | Asked::NothingYet => return None,
+            Asked::Elsewhere | Asked::Lately | Asked::NothingYet => return None,
         };
         metrics::get().quarantine_check(result);
         recalled
@@ -512,8 +550,11 @@ pub(super) enum Asked {
     Refused((response::Parts, Bytes)),
     /// No usable answer.
     Failed(String),
-    /// Another request of this process asked meanwhile; what it found is on the key.
+    /// Another request asked meanwhile (on any replica), or still asks at the waiter's deadline; what it found
+    /// is on the key.
     Elsewhere,
+    /// The last request to ask left the key unknown a moment ago (less than `resolve_after`): not asked again.
+    Lately,
     /// None, asked before `resolve_after`: the server may still create it, so the key stays unknown.
     NothingYet,
 }

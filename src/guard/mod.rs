@@ -62,7 +62,9 @@ use crate::proxy::headers;
 use crate::proxy::tap::Arm;
 use crate::proxy::upstream::Upstreams;
 use crate::store::memory::MemoryStore;
-use crate::store::{AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored};
+use crate::store::{
+    AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored, Turn,
+};
 use asking::Asked;
 use completion::{note_change, Completion, Verdict, Write};
 use flights::{Flight, Flights, Shared};
@@ -113,8 +115,6 @@ pub struct Guard {
     /// The loss (its wall clock ms) during whose quarantine the server showed it cannot look instances up:
     /// asking again until the next loss would only cost every call a round trip.
     cannot_look_up: AtomicI64,
-    /// The resolutions this process runs: one request asks per key, the others wait for it.
-    resolving: resolve::Resolving,
     /// Instance ids this process's leaders received right after a store's loss: not a forgotten call's.
     handed_out: resolve::HandedOut,
 }
@@ -216,7 +216,6 @@ impl Guard {
             cut_off: CancellationToken::new(),
             quarantine: settings.quarantine.0,
             cannot_look_up: AtomicI64::new(0),
-            resolving: resolve::Resolving::default(),
             handed_out: resolve::HandedOut::default(),
         }
     }
@@ -518,13 +517,14 @@ impl Guard {
                     let asked = match Self::lookup_of(call, sent_from) {
                         Some(lookup) => {
                             // Due: it turned unknown `resolve_after` ago.
+                            let gap = self.policy.load().resolve_after;
                             self.resolve(
                                 store,
                                 &call.key,
-                                &record.owner,
-                                &lookup,
+                                (&record.owner, &lookup),
                                 &call.parts,
                                 true,
+                                gap,
                             )
                             .await
                         }

@@ -13,18 +13,16 @@
 //!   unknown.
 //!
 //! This module holds the pure parts: the lookup a call leaves on its record, the query, and the verdict on
-//! the server's answer; and the registry that lets one request of a process ask at a time per key. The engine
-//! asks ([`crate::guard`]).
+//! the server's answer. The engine asks ([`crate::guard`]), one request at a time per key on every replica
+//! (the store's turn, `Store::ask_turn`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use tokio::sync::watch;
-
-use crate::store::Key;
 
 /// `SnowFlakeIdGenerator`'s epoch (2019-04-21, in ms): an id's top bits are milliseconds since it.
 const SNOWFLAKE_EPOCH_MS: i64 = 1_555_776_000_000;
@@ -36,6 +34,9 @@ pub const CLOCK_SKEW_MS: i64 = 5_000;
 /// resolved (it stays unknown).
 pub const PAGE_SIZE: u64 = 100;
 pub const MAX_PAGES: u64 = 20;
+/// How long one request may take to ask (every page): its turn's lease; a waiter on another replica tries
+/// again after it, should the asker have died.
+pub const ASK_LEASE: Duration = Duration::from_secs(10);
 
 /// What a resolver needs to find a `runJob`'s instance: read from the call's own payload (a duplicate's is
 /// its leader's), with the send window. Kept with an unknown record as JSON (for `POST /keys/{key}/resolve`),
@@ -234,44 +235,6 @@ pub fn instance_id(body: &[u8]) -> Option<i64> {
     value.get("data")?.as_i64()
 }
 
-/// The resolutions this process runs, by key: one request asks PowerJob, the others that arrive meanwhile
-/// wait for it, then read what it left on the key.
-#[derive(Default)]
-pub struct Resolving(Mutex<HashMap<Key, watch::Sender<()>>>);
-
-/// A turn to ask about a key; the key is free again (and its waiters woken) when it goes.
-pub struct Asking<'a> {
-    resolving: &'a Resolving,
-    key: Key,
-}
-
-impl Resolving {
-    /// `Ok`: this request asks. `Err`: another one of this process asks; the receiver wakes when it is done.
-    pub fn begin(&self, key: &Key) -> Result<Asking<'_>, watch::Receiver<()>> {
-        let mut running = self.lock();
-        if let Some(asking) = running.get(key) {
-            return Err(asking.subscribe());
-        }
-        running.insert(key.clone(), watch::channel(()).0);
-        Ok(Asking {
-            resolving: self,
-            key: key.clone(),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, HashMap<Key, watch::Sender<()>>> {
-        // Inserts and removes only: a panic elsewhere cannot leave the map half-changed.
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-impl Drop for Asking<'_> {
-    fn drop(&mut self) {
-        // Dropping the sender wakes every receiver.
-        self.resolving.lock().remove(&self.key);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,18 +278,6 @@ mod tests {
         assert!(!noted.contains(T0, 11), "a new loss starts afresh");
         assert!(noted.contains(T0 + 1, 14));
         assert!(noted.complete(T0 + 1));
-    }
-
-    #[tokio::test]
-    async fn one_request_asks_at_a_time_and_the_others_wake_when_it_is_done() {
-        let resolving = Resolving::default();
-        let key = Key::from_digest(&[7; 32]);
-        let asking = resolving.begin(&key).ok().unwrap();
-        let mut waiter = resolving.begin(&key).err().unwrap();
-        assert!(resolving.begin(&Key::from_digest(&[8; 32])).is_ok());
-        drop(asking);
-        assert!(waiter.changed().await.is_err(), "woken by the turn's end");
-        assert!(resolving.begin(&key).is_ok(), "the key is free again");
     }
 
     #[test]

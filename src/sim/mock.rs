@@ -304,6 +304,8 @@ pub struct MockOptions {
     /// Added before answering `runJob` and `runWorkflow`, after the instance exists: a client that times out
     /// meanwhile has still created it, as against a real server that commits and then answers slowly.
     pub latency: Duration,
+    /// Added before answering `queryInstance`: a slow lookup.
+    pub query_latency: Duration,
     pub app_name: String,
     pub password: String,
     pub app_id: i64,
@@ -317,6 +319,7 @@ impl Default for MockOptions {
         Self {
             mode: Mode::V510AuthOff,
             latency: Duration::ZERO,
+            query_latency: Duration::ZERO,
             app_name: "my-app".to_owned(),
             password: "123456".to_owned(),
             app_id: 1,
@@ -645,7 +648,7 @@ impl Mock {
                 return self.creating_call(endpoint, parts, body, head).await
             }
             // 5.1.1 answers the page with `ResultDTO.success`: no `code` key, unlike its errors.
-            "queryInstance" => match self.query_instance(body) {
+            "queryInstance" => match self.slow_query(body).await {
                 Ok(page) => result_json_v4(true, page, None),
                 Err(failure) => self.result(Err(failure)),
             },
@@ -1019,6 +1022,14 @@ impl Mock {
             "mock created an instance"
         );
         id
+    }
+
+    /// `/queryInstance`, after the query latency.
+    async fn slow_query(&self, body: &[u8]) -> Outcome {
+        if !self.options.query_latency.is_zero() {
+            tokio::time::sleep(self.options.query_latency).await;
+        }
+        self.query_instance(body)
     }
 
     async fn answer_slowly(&self) {

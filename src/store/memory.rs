@@ -23,7 +23,9 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
+use super::{
+    new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored, Turn,
+};
 
 pub struct MemoryStore {
     inner: Mutex<Inner>,
@@ -73,6 +75,10 @@ struct Entry {
     waited_on: bool,
     /// What a resolver looks for, kept with an unknown record (see `Store::keep_lookup`).
     lookup: Option<Arc<str>>,
+    /// Until when a request has the turn to ask PowerJob about this unknown record (`Store::ask_turn`).
+    asking_until: Option<Instant>,
+    /// When the last turn ended with the record still unknown.
+    asked_at: Option<Instant>,
     expires_at: Instant,
     /// Woken on every change of this record.
     notify: Arc<Notify>,
@@ -158,6 +164,8 @@ impl MemoryStore {
                 settled_at: None,
                 waited_on: false,
                 lookup: None,
+                asking_until: None,
+                asked_at: None,
                 expires_at,
                 notify: Arc::new(Notify::new()),
             },
@@ -313,11 +321,10 @@ impl Store for MemoryStore {
         let Some(entry) = inner.entries.get_mut(key) else {
             return Ok(false);
         };
-        let unknown = entry.owner == owner
-            && (matches!(entry.phase, Phase::Unknown) || entry.lease_ran_out(now));
-        if !unknown {
+        if !entry.unknown_by(owner, now) {
             return Ok(false);
         }
+        entry.asking_until = None;
         let expires_at = entry.expires_at;
         match answer {
             // Done for the rest of the window the unknown record had.
@@ -340,15 +347,54 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut inner = self.lock();
         Ok(match inner.entries.get_mut(key) {
-            Some(entry)
-                if entry.owner == owner
-                    && (matches!(entry.phase, Phase::Unknown) || entry.lease_ran_out(now)) =>
-            {
+            Some(entry) if entry.unknown_by(owner, now) => {
                 entry.lookup = Some(Arc::from(lookup));
                 true
             }
             _ => false,
         })
+    }
+
+    async fn ask_turn(
+        &self,
+        key: &Key,
+        owner: &str,
+        lease: Duration,
+        gap: Duration,
+    ) -> Result<Turn, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(entry) = inner
+            .entries
+            .get_mut(key)
+            .filter(|e| e.unknown_by(owner, now))
+        else {
+            return Ok(Turn::Settled);
+        };
+        if entry.asking_until.is_some_and(|until| until > now) {
+            return Ok(Turn::Busy);
+        }
+        if entry.asked_at.is_some_and(|at| now < at + gap) {
+            return Ok(Turn::Asked);
+        }
+        entry.asking_until = Some(now + lease);
+        Ok(Turn::Yours)
+    }
+
+    async fn end_turn(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let Some(entry) = inner
+            .entries
+            .get_mut(key)
+            .filter(|e| e.unknown_by(owner, now))
+        else {
+            return Ok(false);
+        };
+        entry.asking_until = None;
+        entry.asked_at = Some(now);
+        entry.notify.notify_waiters();
+        Ok(true)
     }
 
     async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
@@ -464,7 +510,13 @@ impl Store for MemoryStore {
         let notified = {
             let mut inner = self.lock();
             match inner.entries.get_mut(key) {
-                Some(entry) if matches!(entry.phase, Phase::InFlight { .. }) => {
+                // In flight, or being asked about (`Store::ask_turn`): its verdict comes as a change.
+                Some(entry)
+                    if matches!(entry.phase, Phase::InFlight { .. })
+                        || entry
+                            .asking_until
+                            .is_some_and(|until| until > Instant::now()) =>
+                {
                     entry.waited_on = true;
                     let mut notified = Box::pin(Arc::clone(&entry.notify).notified_owned());
                     // Registered under the lock that every change takes: a change after this wakes us.
@@ -572,6 +624,11 @@ fn own_copy(response: &Stored) -> Stored {
 
 impl Entry {
     /// An in-flight record whose lease ran out: its leader died or stalled mid-call.
+    /// Whether this is the `Unknown` record created by `owner` (a dead leader's, too).
+    fn unknown_by(&self, owner: &str, now: Instant) -> bool {
+        self.owner == owner && (matches!(self.phase, Phase::Unknown) || self.lease_ran_out(now))
+    }
+
     fn lease_ran_out(&self, now: Instant) -> bool {
         matches!(self.phase, Phase::InFlight { lease_until } if lease_until < now)
     }
@@ -639,6 +696,42 @@ mod tests {
             head: Bytes::from_static(b"HTTP/1.1 200 OK\r\n\r\n"),
             body: Bytes::from_static(b"{}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_on_a_turn_to_ask_sleeps_until_the_turn_ends() {
+        let store = Arc::new(MemoryStore::new(8, Duration::ZERO));
+        let Claim::Leader(token) = store.claim(&key(1), &info(60_000)).await.unwrap() else {
+            panic!("a free key");
+        };
+        assert!(store
+            .mark_unknown(&key(1), &token, Duration::from_secs(60), None)
+            .await
+            .unwrap());
+        // No turn held: nothing to wait for.
+        let poll = Duration::from_secs(5);
+        let started = Instant::now();
+        store.changed(&key(1), poll).await;
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        let lease = Duration::from_secs(10);
+        let turn = store.ask_turn(&key(1), &token, lease, Duration::ZERO).await;
+        assert_eq!(turn.unwrap(), Turn::Yours);
+        let waiter = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let started = Instant::now();
+                store.changed(&key(1), poll).await;
+                started.elapsed()
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiter.is_finished(), "asleep while the turn holds");
+        assert!(store.end_turn(&key(1), &token).await.unwrap());
+        assert_eq!(
+            waiter.await.unwrap(),
+            Duration::from_secs(1),
+            "woken by the end"
+        );
     }
 
     #[tokio::test(start_paused = true)]

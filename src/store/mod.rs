@@ -142,6 +142,19 @@ impl Listing {
     }
 }
 
+/// The answer to [`Store::ask_turn`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Turn {
+    /// This request asks now.
+    Yours,
+    /// Another request asks (its turn's lease holds): wait for the record to change, then try again.
+    Busy,
+    /// Asked lately, and it stayed unknown.
+    Asked,
+    /// The record is no longer that unknown one (settled, purged, or claimed anew).
+    Settled,
+}
+
 /// A record as read from the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
@@ -282,6 +295,26 @@ pub trait Store: Send + Sync {
         key: &Key,
         owner: &str,
         lookup: &str,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Takes the turn to ask PowerJob about the `Unknown` record created by `owner`, for `lease` (on every
+    /// replica one request asks at a time; the others wait for its verdict). [`Turn::Asked`] when the last
+    /// turn ended less than `gap` ago with the record still unknown: asking again so soon would tell nothing new.
+    fn ask_turn(
+        &self,
+        key: &Key,
+        owner: &str,
+        lease: Duration,
+        gap: Duration,
+    ) -> impl Future<Output = Result<Turn, StoreError>> + Send;
+
+    /// Ends the turn of [`Store::ask_turn`] on a record its asker left unknown, noting when (and waking the
+    /// waiters). A verdict that settles the record ([`Store::resolve`]) ends the turn by itself. `false` when
+    /// the record is no longer that unknown one.
+    fn end_turn(
+        &self,
+        key: &Key,
+        owner: &str,
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// The lookup kept with the record of `key`, and the record's owner.
@@ -426,6 +459,20 @@ impl Store for AnyStore {
 
     async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
         each!(self, s => s.lookup(key).await)
+    }
+
+    async fn ask_turn(
+        &self,
+        key: &Key,
+        owner: &str,
+        lease: Duration,
+        gap: Duration,
+    ) -> Result<Turn, StoreError> {
+        each!(self, s => s.ask_turn(key, owner, lease, gap).await)
+    }
+
+    async fn end_turn(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        each!(self, s => s.end_turn(key, owner).await)
     }
 
     async fn mark_owed(&self, key: &Key) -> Result<bool, StoreError> {

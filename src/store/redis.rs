@@ -82,7 +82,9 @@ use tokio::time::Instant;
 use crate::workers;
 
 use super::epoch::{self, Losses, Marks};
-use super::{new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored};
+use super::{
+    new_token, Claim, ClaimInfo, Key, Listing, Record, State, Store, StoreError, Stored, Turn,
+};
 
 /// Time-outs in a row on one connection after which it is replaced by a new one.
 pub const RECONNECT_AFTER_TIMEOUTS: u32 = 3;
@@ -616,6 +618,32 @@ impl Store for RedisStore {
             .await
     }
 
+    async fn ask_turn(
+        &self,
+        key: &Key,
+        owner: &str,
+        lease: Duration,
+        gap: Duration,
+    ) -> Result<Turn, StoreError> {
+        let (lease, gap) = (millis(lease), millis(gap));
+        let args: [&[u8]; 3] = [owner.as_bytes(), lease.as_bytes(), gap.as_bytes()];
+        let value = self
+            .eval("ask_turn", &scripts().ask_turn, key, &args)
+            .await?;
+        match text(Some(&value)) {
+            Some("yours") => Ok(Turn::Yours),
+            Some("busy") => Ok(Turn::Busy),
+            Some("asked") => Ok(Turn::Asked),
+            Some("settled") => Ok(Turn::Settled),
+            _ => Err(unexpected("ask_turn", &value)),
+        }
+    }
+
+    async fn end_turn(&self, key: &Key, owner: &str) -> Result<bool, StoreError> {
+        self.change("end_turn", &scripts().end_turn, key, &[owner.as_bytes()])
+            .await
+    }
+
     async fn lookup(&self, key: &Key) -> Result<Option<(String, String)>, StoreError> {
         let value = self.eval("lookup", &scripts().lookup, key, &[]).await?;
         match &value {
@@ -944,6 +972,8 @@ struct Scripts {
     note_auth: Script,
     auth_since: Script,
     note_instance: Script,
+    ask_turn: Script,
+    end_turn: Script,
     instance_key: Script,
     get: Script,
     purge: Script,
@@ -972,6 +1002,8 @@ fn scripts() -> &'static Scripts {
         note_auth: script!("lua/note_auth.lua"),
         auth_since: script!("lua/auth_since.lua"),
         note_instance: script!("lua/note_instance.lua"),
+        ask_turn: script!("lua/ask_turn.lua"),
+        end_turn: script!("lua/end_turn.lua"),
         instance_key: script!("lua/instance_key.lua"),
         get: script!("lua/get.lua"),
         purge: script!("lua/purge.lua"),

@@ -7,6 +7,8 @@ local record = read_record(now)
 if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
   return 0
 end
+-- The verdict ends the turn to ask (ask_turn).
+redis.call('HDEL', record_key, 'asking_until')
 if ARGV[3] == '' then
   redis.call('HSET', record_key, 'state', 'released', 'settled', int(now))
   redis.call('HDEL', record_key, 'status', 'head', 'body')

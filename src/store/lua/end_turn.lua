@@ -1,0 +1,12 @@
+-- end_turn: ARGV = owner. The asker left the unknown record created by `owner` unknown: the turn is free, and
+-- when it ended is noted (see ask_turn's gap); the waiters are woken. 1, or 0 when the record is no longer
+-- that unknown one.
+local now = now_ms()
+local record = read_record(now)
+if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
+  return 0
+end
+redis.call('HDEL', record_key, 'asking_until')
+redis.call('HSET', record_key, 'asked', int(now))
+changed_if_waited('asked')
+return 1

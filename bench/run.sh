@@ -152,6 +152,10 @@ start_nginx upstream "$UP_PORT" 1 "
     listen 127.0.0.1:$UP_PORT;
     default_type application/json;
     location / { return 200 '{\"success\":true,\"code\":null,\"data\":754612332134400064,\"message\":null}'; }
+    # 5.1.1's lookup, with nothing found: what a quarantined leader asks before sending (row 4b).
+    location = /openApi/queryInstance {
+      return 200 '{\"success\":true,\"data\":{\"index\":0,\"pageSize\":100,\"totalPages\":0,\"totalItems\":0,\"data\":[]},\"message\":null}';
+    }
   }"
 UP_PID=$LAST_PID
 UP_URL="http://127.0.0.1:$UP_PORT"
@@ -176,18 +180,21 @@ PIDS+=($!)
 wait_port "$REDIS_PORT"
 REDIS_URL="redis://127.0.0.1:$REDIS_PORT/0"
 
-# start_runonce STORE [FLAGS...]: a fresh runonce (a fresh peak RSS) per row; sets RO_PID and RO_PORT.
+# start_runonce STORE [FLAGS...]: a fresh runonce (a fresh peak RSS) per row; sets RO_PID, RO_PORT and
+# RO_ADMIN. A new process is in quarantine for a window (its memory store starts empty; the Redis rows flush
+# Redis first): the rows measure outside it (--quarantine false), except row 4b, which sets QUARANTINE=true.
 start_runonce() {
   local store=$1 i
   shift
   : >"$TMP/runonce.out"
   # The default log level (info: a line per guarded call), to a file, as a deployment would run it.
-  "$BIN" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "$UP_URL" --store "$store" "$@" \
-    >"$TMP/runonce.out" 2>>"$TMP/runonce.log" &
+  "$BIN" serve --listen 127.0.0.1:0 --admin-listen 127.0.0.1:0 --upstream "$UP_URL" --store "$store" \
+    --quarantine "${QUARANTINE:-false}" "$@" >"$TMP/runonce.out" 2>>"$TMP/runonce.log" &
   RO_PID=$!
   PIDS+=($RO_PID)
   for i in $(seq 100); do
     RO_PORT="$(sed -n 's/^listening proxy=127.0.0.1:\([0-9]*\) .*/\1/p' "$TMP/runonce.out")"
+    RO_ADMIN="$(sed -n 's/^listening .*admin=127.0.0.1:\([0-9]*\).*/\1/p' "$TMP/runonce.out")"
     [ -n "$RO_PORT" ] && return 0
     sleep 0.1
   done
@@ -349,6 +356,17 @@ start_runonce "$REDIS_URL"
 measure "runJob unique keys" "runonce redis" $CONNS "$RO_PORT" $RUNJOB unique "" "$RO_PID" "$RO_PID"
 stop "$RO_PID"
 
+# 4b. The same in a quarantine (the store lost its records less than a window ago): every new leader asks
+# PowerJob's queryInstance first (an empty page here), then sends. The row's cost per call, against row 4; the
+# admin's count of checks shows that every call asked.
+U="runJob unique keys"
+UQ="runJob unique keys, in quarantine"
+QUARANTINE=true start_runonce memory
+measure "$UQ" "runonce memory" $CONNS "$RO_PORT" $RUNJOB unique "" "$RO_PID" "$RO_PID"
+QUARANTINE_CHECKS=$(exec 3<>"/dev/tcp/127.0.0.1/$RO_ADMIN" && printf 'GET /metrics HTTP/1.0\r\n\r\n' >&3 &&
+  sed -n 's/^runonce_quarantine_checks_total{result="none"} \([0-9]*\).*/\1/p' <&3)
+stop "$RO_PID"
+
 # 6. idempotent-proxy, unique keys (its key is the header; the body is the same shape as runonce's).
 if [ "$IDP_STATUS" = ok ]; then
   flush_redis
@@ -436,6 +454,11 @@ for conns in $CONNS $CONNS_HIGH; do
   ratio_row "replay on Redis req/s at c=$conns, runonce ÷ idempotent-proxy duplicate" "$(shown "$r")" "≥ 2" \
     "$(check "$r" ">=" 2)"
 done
+a=$(value "$U" "runonce memory" $CONNS 4)
+b=$(value "$UQ" "runonce memory" $CONNS 4)
+cpu_added=$(minus "$(value "$UQ" "runonce memory" $CONNS 9)" "$(value "$U" "runonce memory" $CONNS 9)")
+ratio_row "unique runJob on memory in quarantine: req/s ÷ outside; CPU µs/req added; calls that asked first" \
+  "$(shown "$(div "$b" "$a")"); +$(shown "$cpu_added"); $(shown "$QUARANTINE_CHECKS")" "(the cost, reported)" "-"
 # Peak RSS over every runonce row, unique keys on the memory store included (it holds up to memory_max_keys
 # answers, about 1.8 KiB each).
 peak=$(awk -F'\t' '$2 ~ /^runonce/ && $10 ~ /^[0-9.]+$/ && $10 > m { m = $10 } END { if (m) print m }' "$RESULTS")

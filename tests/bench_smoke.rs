@@ -16,6 +16,7 @@ const ROWS: &[(&str, &str, &str)] = &[
     ("pass-through fetchInstanceStatus", "nginx proxy_pass", "32"),
     ("runJob unique keys", "runonce memory", "32"),
     ("runJob unique keys", "runonce redis", "32"),
+    ("runJob unique keys, in quarantine", "runonce memory", "32"),
     ("runJob unique keys", "idempotent-proxy redis", "32"),
     (
         "runJob one Idempotency-Key (replay)",
@@ -119,5 +120,15 @@ fn the_benchmark_script_measures_every_scenario_and_system() {
             "no ratio row {target}:\n{report}"
         );
     }
+    // The quarantine row measured leaders that asked PowerJob first: the admin counted them.
+    let quarantine = rows
+        .iter()
+        .find(|r| r[0].starts_with("unique runJob on memory in quarantine"))
+        .unwrap_or_else(|| panic!("no quarantine ratio row:\n{report}"));
+    let checks = quarantine[1].rsplit("; ").next().unwrap_or("");
+    assert!(
+        checks.parse::<u64>().is_ok_and(|n| n > 0),
+        "no call asked first: {quarantine:?}"
+    );
     assert!(report.contains("Soak: "), "soak line: {report}");
 }

@@ -68,6 +68,9 @@ struct MockArgs {
     /// Delay added to queryInstance answers (milliseconds): a slow lookup.
     #[arg(long, default_value_t = 0)]
     query_latency_ms: u64,
+    /// How many queryInstance calls, the first ones, fail with HTTP 500.
+    #[arg(long, default_value_t = 0)]
+    query_failures: u64,
     /// The one app this server knows.
     #[arg(long, default_value = "my-app")]
     app_name: String,
@@ -214,6 +217,7 @@ async fn mock_powerjob(args: MockArgs) -> ExitCode {
         mode: args.mode,
         latency: Duration::from_millis(args.latency_ms),
         query_latency: Duration::from_millis(args.query_latency_ms),
+        query_failures: args.query_failures,
         app_name: args.app_name,
         password: args.password,
         app_id: args.app_id,

@@ -436,3 +436,40 @@ async fn duplicates_on_another_replica_wait_for_the_resolution_under_way() {
     assert_eq!(asked, 1, "one query for both replicas' duplicates");
     assert_eq!(run_jobs_sent(mock.addr("mock")).await, 1);
 }
+
+/// The leader's own asking failed (the server answered 500): it asks again, twice as late, and the key
+/// resolves with no duplicate and no person.
+#[tokio::test]
+async fn a_failed_asking_is_tried_again_by_the_leader() {
+    let mock = mock_with(
+        "v5.1.1-auth-off",
+        &[
+            "--fault",
+            "stall-after-create",
+            "--fault-count",
+            "1",
+            "--query-failures",
+            "1",
+        ],
+    );
+    let proxy = resolving_proxy(&mock);
+    let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
+    assert_eq!(run_job(addr).await.status, 504);
+    let state_count = |state: &'static str| async move {
+        let listed = admin_call(admin, "GET", &format!("/keys?state={state}"), "").await;
+        listed.json().unwrap()["count"].as_u64().unwrap()
+    };
+    // First asked at 1.5 s (and failed), again at 4.5 s.
+    tokio::time::sleep(AFTER + Duration::from_millis(700)).await;
+    assert_eq!(queries_sent(mock.addr("mock")).await, 1);
+    assert_eq!(state_count("unknown").await, 1, "the asking failed");
+    tokio::time::sleep(AFTER * 2).await;
+    assert_eq!(state_count("done").await, 1, "asked again");
+    assert_eq!(queries_sent(mock.addr("mock")).await, 2);
+    let scrape = admin_call(admin, "GET", "/metrics", "").await.text();
+    assert!(
+        scrape.contains("runonce_resolutions_total{result=\"failed\"} 1")
+            && scrape.contains("runonce_resolutions_total{result=\"done\"} 1"),
+        "{scrape}"
+    );
+}

@@ -43,7 +43,9 @@ impl Guard {
     }
 
     /// Asks PowerJob, `resolve_after` from now, what the unknown call its leader ran in this process created,
-    /// with the leader's credentials (kept in memory, never written to the store).
+    /// with the leader's credentials (kept in memory, never written to the store). An asking that could not
+    /// tell (the query failed, or another request's did) is tried again, twice as late each time, while the
+    /// key lives: an unknown key that nobody retries still resolves once the server answers.
     pub(super) fn resolve_later(
         self: &Arc<Self>,
         store: &AnyStore,
@@ -55,6 +57,7 @@ impl Guard {
             return;
         };
         let after = self.policy.load().resolve_after;
+        let lives_until = tokio::time::Instant::now() + call.info.window;
         let (this, store, key) = (Arc::clone(self), store.clone(), call.key.clone());
         let (owner, parts, cut_off) = (owner.to_string(), call.parts.clone(), self.cut_off.clone());
         tokio::spawn(async move {
@@ -65,14 +68,35 @@ impl Guard {
                     tracing::warn!(key = key.prefix(), %err, "the lookup of the unknown call was not kept; a duplicate can still resolve it");
                 }
             }
-            tokio::select! {
-                () = tokio::time::sleep(after) => {}
-                () = cut_off.cancelled() => return,
+            let mut pause = after;
+            while tokio::time::Instant::now() + pause < lives_until {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = cut_off.cancelled() => return,
+                }
+                // A duplicate or an operator may have settled it meanwhile: then there is no turn to take.
+                let gap = this.policy.load().resolve_after;
+                let asked = this
+                    .resolve(&store, &key, (&owner, &lookup), &parts, true, gap)
+                    .await;
+                let settled = match store.get(&key).await {
+                    Ok(Some(record)) => record.state != State::Unknown || record.owner != owner,
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                let for_good = matches!(
+                    asked,
+                    Asked::Found(_)
+                        | Asked::Nothing
+                        | Asked::Ambiguous(_)
+                        | Asked::Unsupported(_)
+                        | Asked::Refused(_)
+                );
+                if settled || for_good {
+                    return;
+                }
+                pause *= 2;
             }
-            // A duplicate or an operator may have settled it meanwhile: the store's fencing makes this a no-op.
-            let gap = this.policy.load().resolve_after;
-            this.resolve(&store, &key, (&owner, &lookup), &parts, true, gap)
-                .await;
         });
     }
 

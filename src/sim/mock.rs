@@ -306,6 +306,8 @@ pub struct MockOptions {
     pub latency: Duration,
     /// Added before answering `queryInstance`: a slow lookup.
     pub query_latency: Duration,
+    /// How many `queryInstance` calls, the first ones, fail with HTTP 500 (a server that is briefly down).
+    pub query_failures: u64,
     pub app_name: String,
     pub password: String,
     pub app_id: i64,
@@ -320,6 +322,7 @@ impl Default for MockOptions {
             mode: Mode::V510AuthOff,
             latency: Duration::ZERO,
             query_latency: Duration::ZERO,
+            query_failures: 0,
             app_name: "my-app".to_owned(),
             password: "123456".to_owned(),
             app_id: 1,
@@ -400,6 +403,8 @@ pub struct Mock {
     stalled: AtomicU64,
     /// Cancelled when `run` stops accepting: stalled calls then let go of their connections.
     stopping: CancellationToken,
+    /// `queryInstance` calls answered so far (for `MockOptions::query_failures`).
+    queries: AtomicU64,
 }
 
 /// Response heads whose header names must leave in exact case; built once, cloned per response.
@@ -572,6 +577,7 @@ impl Mock {
             state: Mutex::new(state),
             stalled: AtomicU64::new(0),
             stopping: CancellationToken::new(),
+            queries: AtomicU64::new(0),
         }))
     }
 
@@ -648,6 +654,12 @@ impl Mock {
                 return self.creating_call(endpoint, parts, body, head).await
             }
             // 5.1.1 answers the page with `ResultDTO.success`: no `code` key, unlike its errors.
+            "queryInstance"
+                if self.queries.fetch_add(1, Ordering::Relaxed) < self.options.query_failures =>
+            {
+                let error = spring_error_body(parts.uri.path());
+                return Ok(self.reply(&self.heads.server_error, error));
+            }
             "queryInstance" => match self.slow_query(body).await {
                 Ok(page) => result_json_v4(true, page, None),
                 Err(failure) => self.result(Err(failure)),

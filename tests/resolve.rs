@@ -195,18 +195,12 @@ async fn queries_sent(mock: SocketAddr) -> u64 {
         .unwrap_or(0)
 }
 
-/// Duplicates that arrive while one of them asks PowerJob wait for that answer: one query, however many
-/// duplicates. The leader's replica is gone (a dead leader's key), so only the duplicates ask. Every identical
-/// call is a retry here (`after_delivery = "replay"`): by default one that connects only after another
-/// duplicate received the resolved answer would be a deliberate repeat, a new call.
-#[tokio::test]
-async fn concurrent_duplicates_of_a_dead_leaders_key_ask_powerjob_once() {
-    let redis = support::redis::RedisServer::start();
-    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
-    let store = redis.url();
-    let flags = [
+/// Replicas on the store at `store`, whose duplicates wait long enough for a resolution (1.5 s after the
+/// call turned unknown), and take every identical call for a retry (`after_delivery = "replay"`).
+fn dead_leader_flags(store: &str) -> [&str; 10] {
+    [
         "--store",
-        store.as_str(),
+        store,
         "--upstream-timeout",
         "1s",
         "--wait-timeout",
@@ -215,8 +209,19 @@ async fn concurrent_duplicates_of_a_dead_leaders_key_ask_powerjob_once() {
         "1500ms",
         "--after-delivery",
         "replay",
-    ];
-    let upstream = [url(mock.addr("mock"))];
+    ]
+}
+
+/// Duplicates that arrive while one of them asks PowerJob wait for that answer: one query, however many
+/// duplicates. The leader's replica is gone (a dead leader's key), so only the duplicates ask. Every identical
+/// call is a retry here (`after_delivery = "replay"`): by default one that connects only after another
+/// duplicate received the resolved answer would be a deliberate repeat, a new call.
+#[tokio::test]
+async fn concurrent_duplicates_of_a_dead_leaders_key_ask_powerjob_once() {
+    let redis = support::redis::RedisServer::start();
+    let mock = faulty_mock("v5.1.1-auth-off", "stall-after-create");
+    let (upstream, store) = ([url(mock.addr("mock"))], redis.url());
+    let flags = dead_leader_flags(&store);
     let leader = proxy(&upstream, &flags);
     assert_eq!(run_job(leader.addr("proxy")).await.status, 504);
     drop(leader);
@@ -402,20 +407,8 @@ async fn duplicates_on_another_replica_wait_for_the_resolution_under_way() {
             "700",
         ],
     );
-    let store = redis.url();
-    let flags = [
-        "--store",
-        store.as_str(),
-        "--upstream-timeout",
-        "1s",
-        "--wait-timeout",
-        "5s",
-        "--resolve-after",
-        "1500ms",
-        "--after-delivery",
-        "replay",
-    ];
-    let upstream = [url(mock.addr("mock"))];
+    let (upstream, store) = ([url(mock.addr("mock"))], redis.url());
+    let flags = dead_leader_flags(&store);
     let leader = proxy(&upstream, &flags);
     assert_eq!(run_job(leader.addr("proxy")).await.status, 504);
     drop(leader);

@@ -3,8 +3,7 @@
 -- it: the caller is counted as a waiter, so the verdict is published), 'asked' (the last turn ended less than
 -- gap_ms ago and left the record unknown), or 'settled' (the record is no longer that unknown one).
 local now = now_ms()
-local record = read_record(now)
-if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
+if not unknown_by(ARGV[1], now) then
   return 'settled'
 end
 local r = redis.call('HMGET', record_key, 'asking_until', 'asked')

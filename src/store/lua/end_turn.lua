@@ -2,8 +2,7 @@
 -- when it ended is noted (see ask_turn's gap); the waiters are woken. 1, or 0 when the record is no longer
 -- that unknown one.
 local now = now_ms()
-local record = read_record(now)
-if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
+if not unknown_by(ARGV[1], now) then
   return 0
 end
 redis.call('HDEL', record_key, 'asking_until')

@@ -57,6 +57,13 @@ local function read_record(now)
     r[10] or '0', r[11] or '', r[12] or '0', settled_ago}
 end
 
+-- Whether the record reads 'unknown' (a dead leader's in-flight one too) and was created by `owner`: the
+-- record a resolver may change.
+local function unknown_by(owner, now)
+  local record = read_record(now)
+  return record and record[2] == 'unknown' and record[3] == owner
+end
+
 -- Keeps the answer that came with a 'released' or 'unknown' outcome (ARGV from `first` on: status, head,
 -- body; an empty status: none came), for the duplicates that waited.
 local function keep_answer(first)

@@ -3,8 +3,7 @@
 -- of its window) or nothing (it turns 'released', for the waiters, and the next claim leads). 1, or 0 when
 -- the record is no longer that unknown one (another resolver, or a purge, came first).
 local now = now_ms()
-local record = read_record(now)
-if not record or record[2] ~= 'unknown' or record[3] ~= ARGV[1] then
+if not unknown_by(ARGV[1], now) then
   return 0
 end
 -- The verdict ends the turn to ask (ask_turn).

@@ -386,21 +386,13 @@ impl Guard {
                 Err(err) => return Err(Asked::Failed(format!("cannot build the query: {err}"))),
             };
             let bound = self.upstreams.response_timeout().min(auth::VERIFY_TIMEOUT);
-            let answer = tokio::time::timeout(bound, async {
-                // No repair: the verdict on the token is the server's header as it came.
-                let (response, _) = self.upstreams.send(request, Arm::default()).await?;
-                let (head, incoming) = response.into_parts();
-                let body = Limited::new(incoming, MAX_ANSWER)
-                    .collect()
-                    .await
-                    .map_err(|err| ProxyError::Broken {
-                        upstream: "queryInstance".into(),
-                        cause: err.to_string(),
-                    })?
-                    .to_bytes();
-                Ok::<_, ProxyError>((head, body))
-            })
-            .await;
+            // No repair: the verdict on the token is the server's header as it came.
+            let answer = tokio::time::timeout(
+                bound,
+                self.upstreams.exchange(request, Arm::default(), MAX_ANSWER),
+            )
+            .await
+            .map(|answer| answer.map(|answer| (answer.parts, answer.body)));
             let (mut head, body) = match answer {
                 Ok(Ok(answer)) => answer,
                 Ok(Err(err)) => return Err(Asked::Failed(err.to_string())),

@@ -28,7 +28,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, request, HeaderValue, Method, Request, Response};
-use http_body_util::{BodyExt, Either, Full, Limited};
 use sha2::{Digest, Sha256};
 
 use crate::powerjob::{self, ACCESS_TOKEN, APP_ID, AUTH_PASSED};
@@ -36,7 +35,7 @@ use crate::proxy::answer::Answer;
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
 use crate::proxy::tap::Arm;
-use crate::proxy::upstream::Upstreams;
+use crate::proxy::upstream::{Exchange, Exchanged};
 use crate::store::{hex, Stored};
 
 /// Longest a verification may take (PowerJob clients give a whole call 2 s; a status read is quick).
@@ -78,7 +77,7 @@ pub enum Verdict {
 /// Asks the server whether it accepts the token of the duplicate whose head is `parts`, with a read-only call
 /// about the `stored` answer's instance. `Err` when no verdict came within the bound.
 pub async fn verify(
-    upstreams: &Upstreams,
+    upstreams: &dyn Exchange,
     parts: &request::Parts,
     stored: &Stored,
 ) -> Result<Verdict, ProxyError> {
@@ -92,7 +91,7 @@ pub async fn verify(
 }
 
 async fn ask(
-    upstreams: &Upstreams,
+    upstreams: &dyn Exchange,
     parts: &request::Parts,
     stored: &Stored,
 ) -> Result<Verdict, ProxyError> {
@@ -113,18 +112,14 @@ async fn ask(
         },
     };
     // No repair: a 200 without the header must stay without it (it means "auth off", not "accepted").
-    let (response, _) = upstreams
-        .send(request, Arm::default())
+    let Exchanged {
+        parts: mut head,
+        body,
+        ..
+    } = upstreams
+        .exchange(request, Arm::default(), MAX_VERDICT)
         .await
         .map_err(unverified)?;
-    let (mut head, incoming) = response.into_parts();
-    let body = Limited::new(incoming, MAX_VERDICT)
-        .collect()
-        .await
-        .map_err(|err| ProxyError::AuthUnverified {
-            cause: format!("the verification answer broke off: {err}"),
-        })?
-        .to_bytes();
     if accepted(&head) {
         return Ok(Verdict::Accepted);
     }
@@ -150,7 +145,7 @@ pub(crate) fn accepted(head: &http::response::Parts) -> bool {
 fn verification_request(
     parts: &request::Parts,
     stored: &Stored,
-) -> Result<Request<crate::proxy::upstream::ForwardBody>, http::Error> {
+) -> Result<Request<Bytes>, http::Error> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     if let Some(id) = instance_id(&stored.body) {
         form.append_pair("instanceId", &id);
@@ -175,7 +170,7 @@ pub(crate) fn side_request(
     endpoint: &str,
     content_type: &'static str,
     body: Bytes,
-) -> Result<Request<crate::proxy::upstream::ForwardBody>, http::Error> {
+) -> Result<Request<Bytes>, http::Error> {
     let path = parts.uri.path();
     // The prefix the client addresses the server with (`host:port/prefix`); it holds no `/openApi/`, so the
     // endpoint asked is always the last segment. Only plain segments are kept: no `..`, `%XX` or `;params`
@@ -206,7 +201,7 @@ pub(crate) fn side_request(
     if let Some(host) = parts.headers.get(header::HOST) {
         request = request.header(header::HOST, host);
     }
-    request.body(Either::Right(Full::new(body)))
+    request.body(body)
 }
 
 /// The `data` of a stored `ResultDTO` when it is an id (runJob's instanceId).
@@ -289,18 +284,9 @@ mod tests {
         assert_eq!(request.headers()[ACCESS_TOKEN], "t2");
         assert_eq!(request.headers()[APP_ID], "1");
         assert!(request.headers().get("x-other").is_none());
-        let Either::Right(body) = request.into_body() else {
-            panic!("a buffered body")
-        };
-        let bytes = futures_body(body);
-        assert_eq!(bytes, "instanceId=754612332134400064&appId=1");
-    }
-
-    fn futures_body(body: Full<Bytes>) -> String {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let bytes = runtime.block_on(body.collect()).unwrap().to_bytes();
-        String::from_utf8(bytes.to_vec()).unwrap()
+        assert_eq!(
+            &request.body()[..],
+            b"instanceId=754612332134400064&appId=1"
+        );
     }
 }

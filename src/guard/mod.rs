@@ -37,6 +37,8 @@ pub mod routes;
 mod asking;
 mod completion;
 mod replay;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -48,7 +50,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{request, response, HeaderMap, HeaderValue, Request, Response};
-use http_body_util::{BodyExt, Either, Full, Limited};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
@@ -60,7 +61,7 @@ use crate::proxy::delivery::{Confirmation, Delivery};
 use crate::proxy::error::ProxyError;
 use crate::proxy::headers;
 use crate::proxy::tap::Arm;
-use crate::proxy::upstream::Upstreams;
+use crate::proxy::upstream::{Exchange, Exchanged};
 use crate::store::memory::MemoryStore;
 use crate::store::{
     AnyStore, Claim, ClaimInfo, Key, Record, State, Store, StoreError, Stored, Turn,
@@ -96,7 +97,8 @@ pub struct Guard {
     flights: Arc<Flights>,
     /// What a configuration reload may change; read once per request (one atomic load).
     policy: ArcSwap<Policy>,
-    upstreams: Arc<Upstreams>,
+    /// Where calls go: the servers ([`Upstreams`]), or a stand-in in the engine's unit tests.
+    upstreams: Arc<dyn Exchange>,
     lease: Duration,
     /// How long a leader's answer waits for the client's connection to confirm it took it.
     delivery_grace: Duration,
@@ -197,7 +199,7 @@ struct Led {
 }
 
 impl Guard {
-    pub fn new(settings: &Settings, store: AnyStore, upstreams: Arc<Upstreams>) -> Guard {
+    pub fn new(settings: &Settings, store: AnyStore, upstreams: Arc<dyn Exchange>) -> Guard {
         let fallback = AnyStore::Memory(Arc::new(MemoryStore::new(
             settings.memory_max_keys.0,
             settings.wait_timeout.0,
@@ -665,7 +667,7 @@ impl Guard {
             return Ok(None);
         }
         let (route, key) = (&call.route.name, call.key.prefix());
-        match auth::verify(&self.upstreams, &call.parts, stored).await {
+        match auth::verify(self.upstreams.as_ref(), &call.parts, stored).await {
             Ok(auth::Verdict::Accepted) => {
                 tracing::debug!(%route, key, "another token, accepted by the server: replaying");
                 Ok(None)
@@ -872,8 +874,7 @@ impl Guard {
     /// The server requests go to first (the one that answered last): named in the errors of a call that
     /// reached it. Read only on a failure.
     fn current_upstream(&self) -> String {
-        let (current, _) = self.upstreams.order();
-        self.upstreams.url(current).to_string()
+        self.upstreams.current()
     }
 
     async fn call_upstream_capturing(
@@ -899,33 +900,17 @@ impl Guard {
         body: Bytes,
         repair: bool,
     ) -> Result<(Led, Option<Bytes>), ProxyError> {
-        let request = Request::from_parts(parts, Either::Right(Full::new(body)));
-        let (response, head) = self
-            .upstreams
-            .send(
-                request,
-                Arm {
-                    repair,
-                    capture: true,
-                },
-            )
-            .await?;
-        let (mut parts, incoming) = response.into_parts();
+        let arm = Arm {
+            repair,
+            capture: true,
+        };
+        let request = Request::from_parts(parts, body);
+        let Exchanged {
+            mut parts,
+            body,
+            head,
+        } = self.upstreams.exchange(request, arm, MAX_ANSWER).await?;
         headers::remove_hop_by_hop(&mut parts.headers);
-        let body = tokio::time::timeout(
-            self.upstreams.response_timeout(),
-            Limited::new(incoming, MAX_ANSWER).collect(),
-        )
-        .await
-        .map_err(|_| ProxyError::Timeout {
-            upstream: self.current_upstream(),
-            timeout: self.upstreams.response_timeout(),
-        })?
-        .map_err(|err| ProxyError::Broken {
-            upstream: self.current_upstream(),
-            cause: format!("reading its answer: {err}"),
-        })?
-        .to_bytes();
         Ok((
             Led {
                 parts,

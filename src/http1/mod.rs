@@ -2,8 +2,10 @@
 //! fast lane (`proxy::lane`) and the simulator's client ([`crate::rawhttp`]), take their framing decisions
 //! from here; hyper's path makes the same ones inside hyper, and the tests hold the paths to the same bytes.
 //!
-//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3), and [`chunked`], the one chunked
-//! decoder. The head type and the head writer are to follow.
+//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3); [`chunked`], the one chunked
+//! decoder; and [`write`], the head lines for the next hop, with the framing fields written from the framing
+//! decision, never copied. The head type (one buffer, ranges) is to follow.
 
 pub mod chunked;
 pub mod framing;
+pub mod write;

@@ -39,6 +39,29 @@ pub fn is_hop_by_hop(name: &str) -> bool {
         .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
 }
 
+/// Writes a `Content-Length` that came as a list of one value (`2, 2`, or repeated lines), which hyper read as
+/// that value, as the one value: the length a head writer writes from its framing decision
+/// (`http1::write::write_framing`), the same on both paths.
+pub fn one_length(headers: &mut HeaderMap) {
+    let Some(value) = headers.get(header::CONTENT_LENGTH) else {
+        return;
+    };
+    let single = value.as_bytes().iter().all(u8::is_ascii_digit)
+        && headers.get_all(header::CONTENT_LENGTH).iter().count() == 1;
+    if single {
+        return;
+    }
+    let fields = headers
+        .get_all(header::CONTENT_LENGTH)
+        .iter()
+        .map(|v| (&b"content-length"[..], v.as_bytes()));
+    if let Ok(crate::http1::framing::Framing::Length(length)) =
+        crate::http1::framing::framing(crate::http1::framing::Message::Request, fields)
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+}
+
 /// Drops hop-by-hop headers, including every header that `Connection` names. `Transfer-Encoding` goes too:
 /// hyper frames the message again on the other side.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -164,6 +187,29 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-powerjob-app-id"));
+    }
+
+    #[test]
+    fn a_length_list_of_one_value_is_written_as_that_value() {
+        let lengths = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_LENGTH, HeaderValue::from_static(v));
+            }
+            one_length(&mut h);
+            let all = h.get_all(header::CONTENT_LENGTH).iter();
+            all.map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(lengths(&["2"]), ["2"]);
+        assert_eq!(lengths(&["2, 2"]), ["2"]);
+        assert_eq!(lengths(&["2", "2"]), ["2"]);
+        assert_eq!(
+            lengths(&["2", "3"]),
+            ["2", "3"],
+            "not one value: left for hyper"
+        );
+        assert!(lengths(&[]).is_empty());
     }
 
     #[test]

@@ -50,6 +50,7 @@ use super::Proxy;
 use crate::config::AuthHeader;
 use crate::http1::chunked::Chunks;
 use crate::http1::framing::{framing, parse_length, Framing, Message};
+use crate::http1::write::{is_framing_field, put_line, write_framing};
 use crate::powerjob;
 
 /// How a connection left the lane.
@@ -296,6 +297,8 @@ impl Conn<'_> {
                     return Err(());
                 }
                 body = Some(parse_length(value).ok_or(())?);
+                // Written from the framing below, never copied.
+                continue;
             } else if is("transfer-encoding") || is("expect") || is("upgrade") {
                 return Err(());
             } else if is("connection") {
@@ -324,6 +327,8 @@ impl Conn<'_> {
             }
             put_line(lines, name.as_bytes(), header.value);
         }
+        let framing = body.map_or(Framing::Empty, Framing::Length);
+        write_framing(lines, Message::Request, framing, []);
         let body = body.unwrap_or(0);
         if body > proxy.body_limit {
             return Err(());
@@ -488,25 +493,12 @@ impl Conn<'_> {
         wire.clear();
         let _ = write!(wire, "HTTP/1.1 {code} {}\r\n", head.reason.unwrap_or(""));
         for header in head.headers.iter() {
-            // A length beside chunked framing (or a close-delimited body) would mislead the client; a 204 or
-            // 304 goes without one, as hyper's path sends it (a `HEAD` answer keeps its).
-            let stale_length = (matches!(framing, Framing::Chunked | Framing::Close)
-                || code == 204
-                || code == 304)
-                && header.name.eq_ignore_ascii_case("content-length");
-            // The body goes out framed as it came: `Content-Length` and `Transfer-Encoding` stay whatever
-            // `Connection` names (dropping them would leave a kept-alive client reading the next answer as
-            // this one's body); `framing` decided which of them describes it.
-            let framing_header = || {
-                header.name.eq_ignore_ascii_case("content-length")
-                    || header.name.eq_ignore_ascii_case("transfer-encoding")
-            };
-            if stale_length
+            // The framing fields are written from the decision below, whatever `Connection` names.
+            if is_framing_field(header.name.as_bytes())
                 || is_hop_by_hop(header.name)
-                || (named
+                || named
                     .iter()
                     .any(|n| n.eq_ignore_ascii_case(header.name.as_bytes()))
-                    && !framing_header())
             {
                 continue;
             }
@@ -518,6 +510,9 @@ impl Conn<'_> {
             };
             put_line(wire, name.as_bytes(), header.value);
         }
+        // The body goes out framed as it came, and its framing fields say so.
+        let fields = head.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+        write_framing(wire, message, framing, fields);
         if fix.is_some() {
             metrics.auth_headers_repaired.inc();
         }
@@ -754,13 +749,6 @@ fn connection_names<'h>(headers: &'h [httparse::Header<'_>]) -> Vec<&'h [u8]> {
                 && !t.eq_ignore_ascii_case(b"keep-alive")
         })
         .collect()
-}
-
-fn put_line(to: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    to.extend_from_slice(name);
-    to.extend_from_slice(b": ");
-    to.extend_from_slice(value);
-    to.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

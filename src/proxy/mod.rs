@@ -110,7 +110,7 @@ impl Proxy {
         // The lane writes `X-Forwarded-Proto: http` and applies no access rule: plain listeners without them.
         let lane = settings.fast_lane.0 && settings.tls_cert.trim().is_empty() && access.is_off();
         Proxy {
-            guard: Arc::new(Guard::new(settings, store, Arc::clone(&upstreams))),
+            guard: Arc::new(Guard::new(settings, store, upstreams.clone())),
             upstreams,
             access,
             scheme: if settings.tls_cert.trim().is_empty() {
@@ -263,6 +263,7 @@ impl Proxy {
             response.headers_mut().remove(header::CONTENT_LENGTH);
         }
         headers::remove_hop_by_hop(response.headers_mut());
+        headers::one_length(response.headers_mut());
         Ok(response.map(Either::Left))
     }
 

@@ -12,14 +12,16 @@
 
 use std::collections::VecDeque;
 use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::PathAndQuery;
-use http::{header, HeaderValue, Request, Response, Uri};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http::{header, response, HeaderValue, Request, Response, Uri};
+use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -32,6 +34,65 @@ use crate::workers;
 
 /// A forwarded request's body: the client's stream under the size limit, or bytes runonce already holds.
 pub type ForwardBody = Either<Limited<Incoming>, Full<Bytes>>;
+
+/// A whole exchange with the servers, as the engine makes it: the request sent whole (failing over only while
+/// it was not sent, as [`Upstreams::send`]), the answer read whole, its body at most `limit` bytes. The engine
+/// holds its upstream as this trait, so that its rules run in unit tests against a stand-in, without sockets.
+pub trait Exchange: Send + Sync {
+    fn exchange(
+        &self,
+        request: Request<Bytes>,
+        arm: Arm,
+        limit: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<Exchanged, ProxyError>> + Send + '_>>;
+
+    /// How long a server has to answer a request.
+    fn response_timeout(&self) -> Duration;
+
+    /// The server requests go to first (the one that answered last): named in errors.
+    fn current(&self) -> String;
+}
+
+/// What an [`Exchange`] brought back.
+pub struct Exchanged {
+    pub parts: response::Parts,
+    pub body: Bytes,
+    /// The answer's head as it came, when the tap was armed to capture it.
+    pub head: Option<Bytes>,
+}
+
+impl Exchange for Upstreams {
+    fn exchange(
+        &self,
+        request: Request<Bytes>,
+        arm: Arm,
+        limit: usize,
+    ) -> Pin<Box<dyn Future<Output = Result<Exchanged, ProxyError>> + Send + '_>> {
+        Box::pin(async move {
+            let request = request.map(|body| Either::Right(Full::new(body)));
+            let (response, head) = self.send(request, arm).await?;
+            let (parts, incoming) = response.into_parts();
+            let body = Limited::new(incoming, limit)
+                .collect()
+                .await
+                .map_err(|err| ProxyError::Broken {
+                    upstream: self.current(),
+                    cause: format!("reading its answer: {err}"),
+                })?
+                .to_bytes();
+            Ok(Exchanged { parts, body, head })
+        })
+    }
+
+    fn response_timeout(&self) -> Duration {
+        self.response_timeout
+    }
+
+    fn current(&self) -> String {
+        let (current, _) = self.order();
+        self.url(current).to_string()
+    }
+}
 
 /// Every configured server, in order.
 pub struct Upstreams {

@@ -11,7 +11,8 @@
 //!   [`proxy::error`] rescue that turns any failure into a PowerJob-shaped answer, and [`proxy::delivery`],
 //!   which watches a client's connection for whether it took its answer.
 //! - [`guard`]: the idempotency engine on guarded routes: key, claim, lead / wait / replay, outcome; the
-//!   leaders this process runs ([`guard::flights`]) answer their duplicates before the store does.
+//!   leaders this process runs ([`guard::flights`]) answer their duplicates before the store does. It calls
+//!   the servers through one seam ([`proxy::upstream::Exchange`]), so its rules are unit-tested without sockets.
 //! - [`store`]: where keys live: [`store::memory`] (one process) or [`store::redis`] (shared by replicas).
 //! - [`admin`]: the admin listener (`/healthz`, `/readyz`, `/metrics`, the key API, `/reload`); [`health`], the `runonce health` check that GETs it.
 //! - [`metrics`]: the Prometheus metrics; [`reload`]: configuration reload (SIGHUP, `POST /reload`).
@@ -19,7 +20,8 @@
 //! - [`sim`]: the simulator, not the product: the mock server ([`sim::mock`]) and the 5.1.0 client emulation
 //!   ([`sim::client`]), for the demo, the tests and the benchmark.
 //! - [`http1`]: the HTTP/1.1 contract in one place: the framing decision and the chunked decoder that the lane
-//!   and [`rawhttp`] share (the head type and writer are to follow).
+//!   and [`rawhttp`] share, and the head lines the lane writes, framing fields from the decision (the head
+//!   type is to follow).
 //! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
 //!   upstreams (the client emulation, the demo's mock stats, tests); never on the proxy's request path.
 //! - [`telemetry`]: tracing setup.

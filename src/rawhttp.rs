@@ -24,7 +24,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 use crate::http1::chunked::Chunks;
-use crate::http1::framing::{framing, Framing, Message};
+use crate::http1::framing::Framing;
+use crate::http1::head::{Head, HeadError, Limits};
 
 /// Largest body we accept.
 const MAX_BODY: usize = 16 * 1024 * 1024;
@@ -121,18 +122,16 @@ pub async fn read_response(stream: &mut TcpStream) -> io::Result<Response> {
             return Err(closed("connection closed before a complete response head"));
         };
         let status = head
-            .status
+            .status()
             .ok_or_else(|| invalid("response without status"))?;
         if (100..200).contains(&status) && status != 101 {
             continue;
         }
-        let body = reader
-            .read_body(body_framing(Some(status), &head.headers)?)
-            .await?;
+        let body = reader.read_body(body_framing(&head)?).await?;
         return Ok(Response {
             status,
-            head: head.text,
-            headers: head.headers,
+            head: String::from_utf8_lossy(head.text()).into_owned(),
+            headers: fields(&head),
             body,
         });
     }
@@ -146,35 +145,27 @@ pub async fn read_request(stream: &mut TcpStream) -> io::Result<Option<Request>>
     let Some(head) = reader.read_head(true).await? else {
         return Ok(None);
     };
-    let body = reader.read_body(body_framing(None, &head.headers)?).await?;
+    let body = reader.read_body(body_framing(&head)?).await?;
     Ok(Some(Request {
-        target: head.target.unwrap_or_default(),
-        headers: head.headers,
+        target: head.target().unwrap_or_default().to_string(),
+        headers: fields(&head),
         body,
         raw: reader.buf[..reader.pos].to_vec(),
     }))
 }
 
-/// A parsed head: the response status or the request target, the text and the header fields.
-struct Head {
-    status: Option<u16>,
-    target: Option<String>,
-    text: String,
-    headers: Vec<(String, String)>,
+/// The fields of `head` as strings: names as sent, values trimmed (invalid UTF-8 replaced).
+fn fields(head: &Head) -> Vec<(String, String)> {
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    head.fields().map(|(n, v)| (text(n), text(v))).collect()
 }
 
-/// The framing of a response with `status`, or of a request when `status` is `None` (the one decision,
-/// [`crate::http1::framing`]), within the body cap.
-fn body_framing(status: Option<u16>, headers: &[(String, String)]) -> io::Result<Framing> {
-    let message = match status {
-        Some(status) => Message::Response {
-            status,
-            to_head: false,
-        },
-        None => Message::Request,
-    };
-    let fields = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()));
-    match framing(message, fields).map_err(|err| invalid(err.to_string()))? {
+/// The framing of `head`'s body (the one decision, [`crate::http1::framing`]), within the body cap.
+fn body_framing(head: &Head) -> io::Result<Framing> {
+    match head
+        .framing(false)
+        .map_err(|err| invalid(err.to_string()))?
+    {
         Framing::Length(length) if length > MAX_BODY as u64 => {
             Err(invalid(format!("body of {length} bytes exceeds the cap")))
         }
@@ -229,17 +220,26 @@ impl<'a> Reader<'a> {
     /// in the read that crosses the cap, not only one still incomplete beyond it.
     async fn read_head(&mut self, request: bool) -> io::Result<Option<Head>> {
         let kind = head_kind(request);
+        let limits = Limits {
+            bytes: MAX_HEAD,
+            fields: MAX_HEADERS,
+        };
         loop {
-            let parsed = parse_head(self.unread(), request)?;
-            let length = parsed
-                .as_ref()
-                .map_or(self.unread().len(), |(length, _)| *length);
-            if length > MAX_HEAD {
-                return Err(invalid(format!("{kind} head too large")));
-            }
-            if let Some((length, head)) = parsed {
-                self.pos += length;
-                return Ok(Some(head));
+            let parsed = if request {
+                Head::request(self.unread(), limits)
+            } else {
+                Head::response(self.unread(), limits)
+            };
+            match parsed {
+                Ok(Some(head)) => {
+                    self.pos += head.len();
+                    return Ok(Some(head));
+                }
+                Ok(None) => {}
+                Err(HeadError::TooLarge(_)) => {
+                    return Err(invalid(format!("{kind} head too large")))
+                }
+                Err(err) => return Err(invalid(format!("{kind} head: {err}"))),
             }
             if self.fill().await? == 0 {
                 if self.unread().is_empty() {
@@ -313,46 +313,6 @@ impl<'a> Reader<'a> {
             }
         }
     }
-}
-
-/// Parses a complete head at the start of `bytes`: its length and contents, or `None` if more bytes are needed.
-fn parse_head(bytes: &[u8], request: bool) -> io::Result<Option<(usize, Head)>> {
-    let kind = head_kind(request);
-    let malformed = |error| invalid(format!("malformed {kind} head: {error}"));
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let (length, status, target, fields) = if request {
-        let mut head = httparse::Request::new(&mut slots);
-        let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
-            return Ok(None);
-        };
-        (length, None, head.path.map(str::to_owned), head.headers)
-    } else {
-        let mut head = httparse::Response::new(&mut slots);
-        let httparse::Status::Complete(length) = head.parse(bytes).map_err(malformed)? else {
-            return Ok(None);
-        };
-        (length, head.code, None, head.headers)
-    };
-    let headers = fields
-        .iter()
-        .map(|field| {
-            let value = String::from_utf8_lossy(field.value).trim().to_owned();
-            (field.name.to_owned(), value)
-        })
-        .collect();
-    // Drop the blank line and the line break before it.
-    let mut text = &bytes[..length];
-    for _ in 0..2 {
-        text = text.strip_suffix(b"\n").unwrap_or(text);
-        text = text.strip_suffix(b"\r").unwrap_or(text);
-    }
-    let head = Head {
-        status,
-        target,
-        text: String::from_utf8_lossy(text).into_owned(),
-        headers,
-    };
-    Ok(Some((length, head)))
 }
 
 fn head_kind(request: bool) -> &'static str {
@@ -561,12 +521,19 @@ mod tests {
     /// The decision is `http1::framing`'s (its table); this reader adds its body cap.
     #[test]
     fn framing_is_http1s_within_the_cap() {
-        let framing = |status, pairs: &[(&str, &str)]| {
-            let headers: Vec<(String, String)> = pairs
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
-            body_framing(status, &headers).ok()
+        let framing = |status: Option<u16>, pairs: &[(&str, &str)]| {
+            let start = status.map_or("GET / HTTP/1.1".to_string(), |s| format!("HTTP/1.1 {s} X"));
+            let fields: String = pairs.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+            let bytes = format!("{start}\r\n{fields}\r\n");
+            let limits = Limits {
+                bytes: MAX_HEAD,
+                fields: MAX_HEADERS,
+            };
+            let head = match status {
+                Some(_) => Head::response(bytes.as_bytes(), limits),
+                None => Head::request(bytes.as_bytes(), limits),
+            };
+            body_framing(&head.unwrap().unwrap()).ok()
         };
         assert_eq!(framing(Some(204), &[]), Some(Framing::Empty));
         assert_eq!(

@@ -2,10 +2,13 @@
 //! fast lane (`proxy::lane`) and the simulator's client ([`crate::rawhttp`]), take their framing decisions
 //! from here; hyper's path makes the same ones inside hyper, and the tests hold the paths to the same bytes.
 //!
-//! So far: [`framing`], how a message's body is delimited (RFC 9112 §6.3); [`chunked`], the one chunked
-//! decoder; and [`write`], the head lines for the next hop, with the framing fields written from the framing
-//! decision, never copied. The head type (one buffer, ranges) is to follow.
+//! [`head`], a head as it came (one buffer, names as sent, ranges); [`framing`], how a message's body is
+//! delimited (RFC 9112 §6.3); [`chunked`], the one chunked decoder; and [`write`], the head lines for the next
+//! hop, with the framing fields written from the framing decision, never copied. [`crate::rawhttp`] reads
+//! with all of them; the lane takes its framing, chunked and writing from here and still parses its own heads
+//! with `httparse` on the hot path.
 
 pub mod chunked;
 pub mod framing;
+pub mod head;
 pub mod write;

@@ -261,111 +261,23 @@ impl Conn<'_> {
     /// [`Self::read_head`]: `Ok(None)` for a partial head, `Err` to hand off.
     fn take_head(&mut self) -> Result<Option<Request>, ()> {
         let proxy = self.proxy;
-        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut head = httparse::Request::new(&mut slots);
-        let len = match head.parse(&self.buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            // Malformed heads, more than MAX_HEADERS headers: hyper's to refuse.
-            Err(_) => return Err(()),
+        let guard = &proxy.guard;
+        let elsewhere = |method: &Method, endpoint: &str| {
+            // A guarded route is the engine's; noting an `/authApp` call is a store write: hyper's path.
+            guard.route(method, endpoint).is_some()
+                || (endpoint == powerjob::AUTH_APP && guard.notes_auth())
         };
-        if head.version != Some(1)
-            || len > proxy.max_header_bytes
-            || head.headers.len() > proxy.max_headers
-        {
-            return Err(());
-        }
-        let method = Method::from_bytes(head.method.ok_or(())?.as_bytes()).map_err(|_| ())?;
-        let target = head.path.ok_or(())?;
-        if method == Method::CONNECT
-            || !target.starts_with('/')
-            || !target.bytes().all(is_target_byte)
-        {
-            return Err(());
-        }
-        let lines = &mut self.lines;
-        lines.clear();
-        lines.extend_from_slice(target.as_bytes());
-        let header_start = lines.len();
-        let (mut body, mut close, mut has_host, mut has_proto) = (None, false, false, false);
-        let mut first_forwarded_for: Option<&[u8]> = None;
-        for header in head.headers.iter() {
-            let (name, value) = (header.name, header.value.trim_ascii());
-            let is = |known: &str| name.eq_ignore_ascii_case(known);
-            if is("content-length") {
-                if body.is_some() {
-                    return Err(());
-                }
-                body = Some(parse_length(value).ok_or(())?);
-                // Written from the framing below, never copied.
-                continue;
-            } else if is("transfer-encoding") || is("expect") || is("upgrade") {
-                return Err(());
-            } else if is("connection") {
-                for token in tokens(value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
-                        // It names a header to drop as hop-by-hop: rare enough to leave to hyper's path.
-                        return Err(());
-                    }
-                }
-                continue;
-            } else if is_hop_by_hop(name) {
-                continue;
-            } else if is("host") {
-                if has_host {
-                    return Err(());
-                }
-                has_host = true;
-            } else if is("x-forwarded-for") {
-                // As `headers::add_forwarded`: the first such line only.
-                first_forwarded_for.get_or_insert(value);
-                continue;
-            } else if is("x-forwarded-proto") {
-                has_proto = true;
-            }
-            put_line(lines, name.as_bytes(), header.value);
-        }
-        let framing = body.map_or(Framing::Empty, Framing::Length);
-        write_framing(lines, Message::Request, framing, []);
-        let body = body.unwrap_or(0);
-        if body > proxy.body_limit {
-            return Err(());
-        }
-        // The endpoint as the server reads the path; a guarded one is the engine's, through hyper's path.
-        let path = target.split('?').next().unwrap_or(target);
-        let endpoint = powerjob::served_endpoint(path);
-        if let Some(endpoint) = &endpoint {
-            if proxy.guard.route(&method, endpoint).is_some() {
-                return Err(());
-            }
-            // Noting it is a store write: hyper's path does it.
-            if endpoint == powerjob::AUTH_APP && proxy.guard.notes_auth() {
-                return Err(());
-            }
-        }
-        // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
-        lines.extend_from_slice(b"X-Forwarded-For: ");
-        // Kept when it reads as a header string (visible ASCII and tabs), as `HeaderValue::to_str` decides.
-        let earlier = first_forwarded_for
-            .filter(|v| !v.is_empty() && v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)));
-        if let Some(earlier) = earlier {
-            lines.extend_from_slice(earlier);
-            lines.extend_from_slice(b", ");
-        }
-        let _ = write!(lines, "{}\r\n", self.peer.ip());
-        if !has_proto {
-            lines.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
-        }
-        let request = Request {
-            method,
-            target: 0..header_start,
-            headers: header_start..lines.len(),
-            has_host,
-            body,
-            close,
-            repair: proxy.auth_header == AuthHeader::Repair && endpoint.is_some(),
+        let rules = HeadRules {
+            max_header_bytes: proxy.max_header_bytes,
+            max_headers: proxy.max_headers,
+            body_limit: proxy.body_limit,
+            repair: proxy.auth_header == AuthHeader::Repair,
+            elsewhere: &elsewhere,
+        };
+        let Some((len, request)) =
+            request_head(&self.buf, &rules, self.peer.ip(), &mut self.lines)?
+        else {
+            return Ok(None);
         };
         self.buf.advance(len);
         Ok(Some(request))
@@ -674,6 +586,132 @@ async fn read_answer_head(
     }
 }
 
+/// What the lane decides a request head by: the limits hyper's path would apply, and which requests are not the
+/// lane's to forward.
+struct HeadRules<'a> {
+    max_header_bytes: usize,
+    max_headers: usize,
+    body_limit: u64,
+    /// `auth_header = "repair"`: the answers to PowerJob's endpoints get the auth-header repair.
+    repair: bool,
+    /// Whether a request for this served endpoint goes to hyper's path (a guarded route; a noted `/authApp`).
+    elsewhere: &'a dyn Fn(&Method, &str) -> bool,
+}
+
+/// Reads a request head at the start of `buf` for the lane: `Ok(Some((len, request)))` with its target and header
+/// lines written to `lines` as they go upstream (hop-by-hop fields dropped, `Content-Length` written from the
+/// framing, `X-Forwarded-For` and `-Proto` as `headers::add_forwarded` writes them); `Ok(None)` while the head is
+/// incomplete; `Err(())` to hand the connection to hyper, which refuses or serves what the lane does not.
+/// No socket: the lane calls it on the bytes it has read.
+fn request_head(
+    buf: &[u8],
+    rules: &HeadRules<'_>,
+    peer: std::net::IpAddr,
+    lines: &mut Vec<u8>,
+) -> Result<Option<(usize, Request)>, ()> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Request::new(&mut slots);
+    let len = match head.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        // Malformed heads, more than MAX_HEADERS headers: hyper's to refuse.
+        Err(_) => return Err(()),
+    };
+    if head.version != Some(1)
+        || len > rules.max_header_bytes
+        || head.headers.len() > rules.max_headers
+    {
+        return Err(());
+    }
+    let method = Method::from_bytes(head.method.ok_or(())?.as_bytes()).map_err(|_| ())?;
+    let target = head.path.ok_or(())?;
+    if method == Method::CONNECT || !target.starts_with('/') || !target.bytes().all(is_target_byte)
+    {
+        return Err(());
+    }
+    lines.clear();
+    lines.extend_from_slice(target.as_bytes());
+    let header_start = lines.len();
+    let (mut body, mut close, mut has_host, mut has_proto) = (None, false, false, false);
+    let mut first_forwarded_for: Option<&[u8]> = None;
+    for header in head.headers.iter() {
+        let (name, value) = (header.name, header.value.trim_ascii());
+        let is = |known: &str| name.eq_ignore_ascii_case(known);
+        if is("content-length") {
+            if body.is_some() {
+                return Err(());
+            }
+            body = Some(parse_length(value).ok_or(())?);
+            // Written from the framing below, never copied.
+            continue;
+        } else if is("transfer-encoding") || is("expect") || is("upgrade") {
+            return Err(());
+        } else if is("connection") {
+            for token in tokens(value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    // It names a header to drop as hop-by-hop: rare enough to leave to hyper's path.
+                    return Err(());
+                }
+            }
+            continue;
+        } else if is_hop_by_hop(name) {
+            continue;
+        } else if is("host") {
+            if has_host {
+                return Err(());
+            }
+            has_host = true;
+        } else if is("x-forwarded-for") {
+            // As `headers::add_forwarded`: the first such line only.
+            first_forwarded_for.get_or_insert(value);
+            continue;
+        } else if is("x-forwarded-proto") {
+            has_proto = true;
+        }
+        put_line(lines, name.as_bytes(), header.value);
+    }
+    let framing = body.map_or(Framing::Empty, Framing::Length);
+    write_framing(lines, Message::Request, framing, []);
+    let body = body.unwrap_or(0);
+    if body > rules.body_limit {
+        return Err(());
+    }
+    // The endpoint as the server reads the path; a guarded one is the engine's, through hyper's path.
+    let path = target.split('?').next().unwrap_or(target);
+    let endpoint = powerjob::served_endpoint(path);
+    if endpoint
+        .as_deref()
+        .is_some_and(|endpoint| (rules.elsewhere)(&method, endpoint))
+    {
+        return Err(());
+    }
+    // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
+    lines.extend_from_slice(b"X-Forwarded-For: ");
+    // Kept when it reads as a header string (visible ASCII and tabs), as `HeaderValue::to_str` decides.
+    let earlier = first_forwarded_for
+        .filter(|v| !v.is_empty() && v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)));
+    if let Some(earlier) = earlier {
+        lines.extend_from_slice(earlier);
+        lines.extend_from_slice(b", ");
+    }
+    let _ = write!(lines, "{peer}\r\n");
+    if !has_proto {
+        lines.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+    }
+    let request = Request {
+        method,
+        target: 0..header_start,
+        headers: header_start..lines.len(),
+        has_host,
+        body,
+        close,
+        repair: rules.repair && endpoint.is_some(),
+    };
+    Ok(Some((len, request)))
+}
+
 /// The answer body's progress: how much of it is still to come.
 struct Body {
     framing: Framing,
@@ -754,6 +792,113 @@ fn connection_names<'h>(headers: &'h [httparse::Header<'_>]) -> Vec<&'h [u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lane's rules at the defaults' limits; `runJob` is a guarded route.
+    fn decide(buf: &[u8], lines: &mut Vec<u8>) -> Result<Option<(usize, Request)>, ()> {
+        let elsewhere = |_: &Method, endpoint: &str| endpoint == "runJob";
+        let rules = HeadRules {
+            max_header_bytes: 8 * 1024,
+            max_headers: 100,
+            body_limit: 1024,
+            repair: true,
+            elsewhere: &elsewhere,
+        };
+        request_head(buf, &rules, [10, 0, 0, 9].into(), lines)
+    }
+
+    /// The lane's decision on `head`, checked at every split point: each shorter prefix is incomplete or
+    /// already handed off, never taken as a request; the whole head with the next request's bytes after it
+    /// is taken the same, up to its own end.
+    fn at_every_split(head: &str) -> Result<(Request, String), ()> {
+        let bytes = head.as_bytes();
+        let mut lines = Vec::new();
+        for end in 0..bytes.len() {
+            match decide(&bytes[..end], &mut lines) {
+                Ok(None) => {}
+                Ok(Some(_)) => panic!("taken at {end} of {head:?}"),
+                // A hand-off decided early must stay the decision.
+                Err(()) => {
+                    assert_eq!(decide(bytes, &mut lines).err(), Some(()), "{head:?}");
+                    return Err(());
+                }
+            }
+        }
+        let whole = decide(bytes, &mut lines);
+        let mut pipelined = bytes.to_vec();
+        pipelined.extend_from_slice(b"GET /next HTTP/1.1\r\n\r\n");
+        let mut next_lines = Vec::new();
+        let next = decide(&pipelined, &mut next_lines);
+        match (whole, next) {
+            (Ok(Some((len, request))), Ok(Some((next_len, _)))) => {
+                assert_eq!((len, next_len), (bytes.len(), bytes.len()), "{head:?}");
+                assert_eq!(lines, next_lines, "{head:?}");
+                Ok((request, String::from_utf8(lines).unwrap()))
+            }
+            (Err(()), Err(())) => Err(()),
+            other => panic!("{head:?}: {:?}", (other.0.is_ok(), other.1.is_ok())),
+        }
+    }
+
+    #[test]
+    fn plain_requests_are_the_lanes_and_go_upstream_as_they_came() {
+        let (request, lines) = at_every_split(
+            "GET /openApi/fetchInstanceStatus?instanceId=1 HTTP/1.1\r\nHost: pj\r\nX-Case: v\r\n\r\n",
+        )
+        .expect("the lane's");
+        assert_eq!(request.method, Method::GET);
+        assert_eq!(
+            (request.body, request.close, request.has_host),
+            (0, false, true)
+        );
+        assert!(request.repair, "a PowerJob endpoint");
+        assert_eq!(
+            lines,
+            "/openApi/fetchInstanceStatus?instanceId=1Host: pj\r\nX-Case: v\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
+        );
+        // A body's length is written from the framing, once; hop-by-hop fields go; earlier hops are kept.
+        let (request, lines) = at_every_split(
+            "POST /x HTTP/1.1\r\nContent-Length: 5\r\nKeep-Alive: 5\r\nConnection: close\r\nX-Forwarded-For: 1.2.3.4\r\n\r\n",
+        )
+        .expect("the lane's");
+        assert_eq!(
+            (request.body, request.close, request.repair),
+            (5, true, false)
+        );
+        assert_eq!(
+            lines,
+            "/xContent-Length: 5\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\n"
+        );
+    }
+
+    /// Every rule that hands a request to hyper's path, at every split point.
+    #[test]
+    fn what_the_lane_does_not_forward_goes_to_hyper() {
+        let long = format!("GET / HTTP/1.1\r\nX-Long: {}\r\n\r\n", "a".repeat(9 * 1024));
+        let many: String = (0..101).map(|i| format!("X-{i}: v\r\n")).collect();
+        let many = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        let cases = [
+            "POST /openApi/runJob HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            "POST /pj/openApi/runJob?appId=1 HTTP/1.1\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            "GET / HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET / HTTP/1.1\r\nConnection: x-secret\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1025\r\n\r\n",
+            "GET / HTTP/1.0\r\n\r\n",
+            "CONNECT pj:7700 HTTP/1.1\r\n\r\n",
+            "GET http://pj/ HTTP/1.1\r\n\r\n",
+            "GET /a#b HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: v\r\n\r\n",
+            &long,
+            &many,
+        ];
+        for head in cases {
+            assert!(at_every_split(head).is_err(), "{head:?} was taken");
+        }
+    }
 
     #[test]
     fn targets_are_read_strictly() {

@@ -47,7 +47,6 @@ use super::error::{rescue, ProxyError};
 use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::tap::{self, Fix};
 use super::Proxy;
-use crate::config::AuthHeader;
 use crate::http1::chunked::Chunks;
 use crate::http1::framing::{framing, parse_length, Framing, Message};
 use crate::http1::write::{is_framing_field, put_line, write_framing};
@@ -261,18 +260,17 @@ impl Conn<'_> {
     /// [`Self::read_head`]: `Ok(None)` for a partial head, `Err` to hand off.
     fn take_head(&mut self) -> Result<Option<Request>, ()> {
         let proxy = self.proxy;
-        let guard = &proxy.guard;
-        let elsewhere = |method: &Method, endpoint: &str| {
+        let classify = |method: &Method, path: &str| {
+            let class = proxy.classify(method, path);
             // A guarded route is the engine's; noting an `/authApp` call is a store write: hyper's path.
-            guard.route(method, endpoint).is_some()
-                || (endpoint == powerjob::AUTH_APP && guard.notes_auth())
+            let elsewhere = class.route.is_some() || (class.auth_app && proxy.guard().notes_auth());
+            (!elsewhere).then_some(class.repair)
         };
         let rules = HeadRules {
             max_header_bytes: proxy.max_header_bytes,
             max_headers: proxy.max_headers,
             body_limit: proxy.body_limit,
-            repair: proxy.auth_header == AuthHeader::Repair,
-            elsewhere: &elsewhere,
+            classify: &classify,
         };
         let Some((len, request)) =
             request_head(&self.buf, &rules, self.peer.ip(), &mut self.lines)?
@@ -592,10 +590,10 @@ struct HeadRules<'a> {
     max_header_bytes: usize,
     max_headers: usize,
     body_limit: u64,
-    /// `auth_header = "repair"`: the answers to PowerJob's endpoints get the auth-header repair.
-    repair: bool,
-    /// Whether a request for this served endpoint goes to hyper's path (a guarded route; a noted `/authApp`).
-    elsewhere: &'a dyn Fn(&Method, &str) -> bool,
+    /// The request's class by method and path ([`Proxy::classify`], the one decision both paths take):
+    /// `Some(repair)` for the lane, with whether its answer gets the auth-header repair; `None` for hyper's path
+    /// (a guarded route; a noted `/authApp`).
+    classify: &'a dyn Fn(&Method, &str) -> Option<bool>,
 }
 
 /// Reads a request head at the start of `buf` for the lane: `Ok(Some((len, request)))` with its target and header
@@ -678,15 +676,9 @@ fn request_head(
     if body > rules.body_limit {
         return Err(());
     }
-    // The endpoint as the server reads the path; a guarded one is the engine's, through hyper's path.
+    // Classified by the path as the server reads it: a guarded route, a noted `/authApp`, go to hyper.
     let path = target.split('?').next().unwrap_or(target);
-    let endpoint = powerjob::served_endpoint(path);
-    if endpoint
-        .as_deref()
-        .is_some_and(|endpoint| (rules.elsewhere)(&method, endpoint))
-    {
-        return Err(());
-    }
+    let repair = (rules.classify)(&method, path).ok_or(())?;
     // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
     lines.extend_from_slice(b"X-Forwarded-For: ");
     // Kept when it reads as a header string (visible ASCII and tabs), as `HeaderValue::to_str` decides.
@@ -707,7 +699,7 @@ fn request_head(
         has_host,
         body,
         close,
-        repair: rules.repair && endpoint.is_some(),
+        repair,
     };
     Ok(Some((len, request)))
 }
@@ -795,13 +787,16 @@ mod tests {
 
     /// The lane's rules at the defaults' limits; `runJob` is a guarded route.
     fn decide(buf: &[u8], lines: &mut Vec<u8>) -> Result<Option<(usize, Request)>, ()> {
-        let elsewhere = |_: &Method, endpoint: &str| endpoint == "runJob";
+        // As `Proxy::classify` with the repair on and `runJob` guarded.
+        let classify = |_: &Method, path: &str| match powerjob::served_endpoint(path).as_deref() {
+            Some("runJob") => None,
+            endpoint => Some(endpoint.is_some()),
+        };
         let rules = HeadRules {
             max_header_bytes: 8 * 1024,
             max_headers: 100,
             body_limit: 1024,
-            repair: true,
-            elsewhere: &elsewhere,
+            classify: &classify,
         };
         request_head(buf, &rules, [10, 0, 0, 9].into(), lines)
     }

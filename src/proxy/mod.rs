@@ -74,6 +74,7 @@ use http_body_util::{BodyExt, Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 
 use crate::config::{AuthHeader, Settings};
+use crate::guard::routes::Route;
 use crate::guard::Guard;
 use crate::powerjob;
 use crate::store::AnyStore;
@@ -85,6 +86,16 @@ use upstream::Upstreams;
 /// What a client receives: the upstream's stream, or an answer runonce holds whole (its own, a guarded
 /// call's, a replay).
 pub type ResponseBody = Either<Incoming, Answer>;
+
+/// A request's class ([`Proxy::classify`]).
+pub struct Class {
+    /// The guarded route it is on, if any: the engine's.
+    pub route: Option<Arc<Route>>,
+    /// Its answer gets the auth-header repair (`auth_header = "repair"`, a PowerJob endpoint).
+    pub repair: bool,
+    /// An `/authApp` call (noted for the 5.1.0 re-send, when the repair is off).
+    pub auth_app: bool,
+}
 
 /// The proxy's request handling, shared by every connection.
 pub struct Proxy {
@@ -139,6 +150,18 @@ impl Proxy {
 
     pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// What a request is by its method and path: the one decision hyper's path and the lane both take. The
+    /// endpoint is read as the server reads the path (`powerjob::served_endpoint`), so that no spelling of
+    /// `runJob` gets past the guard.
+    pub fn classify(&self, method: &Method, path: &str) -> Class {
+        let endpoint = powerjob::served_endpoint(path);
+        Class {
+            repair: self.auth_header == AuthHeader::Repair && endpoint.is_some(),
+            auth_app: endpoint.as_deref() == Some(powerjob::AUTH_APP),
+            route: endpoint.and_then(|endpoint| self.guard.route(method, &endpoint)),
+        }
     }
 
     /// Answers one client request; never fails: errors become PowerJob-shaped answers.
@@ -208,13 +231,14 @@ impl Proxy {
                 limit: self.body_limit,
             }));
         }
-        // The endpoint as the server will read the path, so that no spelling of `runJob` gets past the guard.
-        let endpoint = powerjob::served_endpoint(parts.uri.path());
-        if endpoint.as_deref() == Some(powerjob::AUTH_APP) {
+        let Class {
+            route,
+            repair,
+            auth_app,
+        } = self.classify(&parts.method, parts.uri.path());
+        if auth_app {
             self.guard.note_auth(client.ip()).await;
         }
-        let repair = self.auth_header == AuthHeader::Repair && endpoint.is_some();
-        let route = endpoint.and_then(|endpoint| self.guard.route(&parts.method, &endpoint));
         headers::remove_hop_by_hop(&mut parts.headers);
         headers::add_forwarded(&mut parts.headers, client.ip(), self.scheme);
         // The parts keep their extensions: hyper's record of the client's header-name case goes upstream too.

@@ -170,6 +170,11 @@ impl Head {
             .map(|(name, value)| (&self.bytes[name.clone()], &self.bytes[value.clone()]))
     }
 
+    /// Where the name of the field at `index` lies in the head's bytes.
+    pub fn name_range(&self, index: usize) -> Option<Range<usize>> {
+        self.fields.get(index).map(|(name, _)| name.clone())
+    }
+
     /// The first value of the field named exactly `name` (case and all).
     pub fn exact(&self, name: &str) -> Option<&[u8]> {
         self.fields()

@@ -397,12 +397,12 @@ impl Conn<'_> {
             || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();
         let fix = (request.repair && code == 200)
-            .then(|| tap::auth_fix(head.headers, up_buf.as_ptr()))
+            .then(|| tap::auth_fix(head.headers.iter().map(|h| (h.name.as_bytes(), h.value))))
             .flatten();
         let named = connection_names(head.headers);
         wire.clear();
         let _ = write!(wire, "HTTP/1.1 {code} {}\r\n", head.reason.unwrap_or(""));
-        for header in head.headers.iter() {
+        for (index, header) in head.headers.iter().enumerate() {
             // The framing fields are written from the decision below, whatever `Connection` names.
             if is_framing_field(header.name.as_bytes())
                 || is_hop_by_hop(header.name)
@@ -412,7 +412,7 @@ impl Conn<'_> {
             {
                 continue;
             }
-            let renamed = matches!(fix, Some(Fix::Rename(at)) if header.name.as_ptr() as usize - up_buf.as_ptr() as usize == at);
+            let renamed = fix == Some(Fix::Rename(index));
             let name = if renamed {
                 powerjob::AUTH_PASSED
             } else {

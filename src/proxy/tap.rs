@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use crate::powerjob::AUTH_PASSED;
 
 use super::headers::{MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
+use crate::http1::head::{Head, Limits};
 /// The header line the repair adds.
 pub(super) const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
 
@@ -165,19 +166,22 @@ fn repair(
     eof: bool,
     fix_auth: bool,
 ) -> Option<(Vec<u8>, Option<std::ops::Range<usize>>)> {
+    let limits = Limits {
+        bytes: MAX_ANSWER_HEAD,
+        fields: MAX_ANSWER_HEADERS,
+    };
     let mut start = 0;
     loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
-        let mut head = httparse::Response::new(&mut headers);
-        match head.parse(&buf[start..]) {
-            Ok(httparse::Status::Complete(len)) => {
-                let code = head.code.unwrap_or(0);
+        match Head::response(&buf[start..], limits) {
+            Ok(Some(head)) => {
+                let code = head.status().unwrap_or(0);
+                let len = head.len();
                 if (100..200).contains(&code) {
                     start += len;
                     continue;
                 }
                 let fix = (fix_auth && code == 200)
-                    .then(|| auth_fix(head.headers, buf.as_ptr()))
+                    .then(|| auth_fix(head.fields()))
                     .flatten();
                 if fix.is_some() {
                     crate::metrics::get().auth_headers_repaired.inc();
@@ -187,10 +191,17 @@ fn repair(
                 } else {
                     0
                 };
-                let out = apply(std::mem::take(buf), fix, start + len);
+                // Where the named field's name lies in `buf`.
+                let rename = match fix {
+                    Some(Fix::Rename(index)) => {
+                        head.name_range(index).map(|name| start + name.start)
+                    }
+                    _ => None,
+                };
+                let out = apply(std::mem::take(buf), fix, rename, start + len);
                 return Some((out, Some(start..start + len + grown)));
             }
-            Ok(httparse::Status::Partial) if !eof && buf.len() < MAX_ANSWER_HEAD => return None,
+            Ok(None) if !eof => return None,
             // Too large, malformed, or cut short: pass as it came.
             _ => return Some((std::mem::take(buf), None)),
         }
@@ -202,29 +213,34 @@ fn repair(
 pub(super) enum Fix {
     /// No such header: add one.
     Add,
-    /// The header with value true, its name in another case, at this offset of the buffer.
+    /// The header with value true, its name in another case: the field at this index.
     Rename(usize),
 }
 
-pub(super) fn auth_fix(headers: &[httparse::Header<'_>], base: *const u8) -> Option<Fix> {
-    let Some(found) = headers
-        .iter()
-        .find(|h| h.name.eq_ignore_ascii_case(AUTH_PASSED))
-    else {
+/// The auth-header rule (the one place it is written; the tap and the lane apply it): what a 200 answer head
+/// with these fields (in order) needs for the 5.1.0 client to find `X-POWERJOB-AUTH-PASSED: true`.
+pub(super) fn auth_fix<'h>(fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>) -> Option<Fix> {
+    let found = fields
+        .into_iter()
+        .enumerate()
+        .find(|(_, (name, _))| name.eq_ignore_ascii_case(AUTH_PASSED.as_bytes()));
+    let Some((index, (name, value))) = found else {
         return Some(Fix::Add);
     };
-    if found.name == AUTH_PASSED || !found.value.trim_ascii().eq_ignore_ascii_case(b"true") {
+    if name == AUTH_PASSED.as_bytes() || !value.trim_ascii().eq_ignore_ascii_case(b"true") {
         return None;
     }
-    // httparse hands out slices of the buffer it parsed, so the name's offset is its address minus the start's.
-    Some(Fix::Rename(found.name.as_ptr() as usize - base as usize))
+    Some(Fix::Rename(index))
 }
 
-fn apply(mut buf: Vec<u8>, fix: Option<Fix>, head_end: usize) -> Vec<u8> {
+/// `buf` with `fix` applied to the head ending at `head_end`; a rename writes the name that starts at `rename`.
+fn apply(mut buf: Vec<u8>, fix: Option<Fix>, rename: Option<usize>, head_end: usize) -> Vec<u8> {
     match fix {
         None => buf,
-        Some(Fix::Rename(at)) => {
-            buf[at..at + AUTH_PASSED.len()].copy_from_slice(AUTH_PASSED.as_bytes());
+        Some(Fix::Rename(_)) => {
+            if let Some(at) = rename {
+                buf[at..at + AUTH_PASSED.len()].copy_from_slice(AUTH_PASSED.as_bytes());
+            }
             buf
         }
         Some(Fix::Add) => {

@@ -3,6 +3,8 @@
 
 #[path = "../fuzz/checks.rs"]
 mod checks;
+#[path = "../fuzz/http1_checks.rs"]
+mod http1_checks;
 
 use std::path::Path;
 
@@ -32,4 +34,10 @@ fn the_canonicalizer_seed_corpus_passes_its_checks() {
 fn the_config_seed_corpus_passes_its_checks() {
     let seeds = run_corpus("config", checks::config);
     assert!(seeds >= 5, "only {seeds} seeds");
+}
+
+#[test]
+fn the_http1_seed_corpus_reads_the_same_as_hyper() {
+    let seeds = run_corpus("http1_response", http1_checks::http1_response);
+    assert!(seeds >= 7, "only {seeds} seeds");
 }

@@ -553,3 +553,18 @@ async fn odd_answers_read_the_same_on_both_paths() {
     }
     assert!(differ.is_empty(), "{differ:#?}");
 }
+
+/// An HTTP/1.0 answer with a `Transfer-Encoding` has faulty framing (RFC 9112 §6.1): hyper's path refuses it
+/// (502), and so does the lane, which read it as chunked before (found by `tests/http1_differential.rs`).
+#[tokio::test]
+async fn a_transfer_coding_in_an_http_1_0_answer_is_refused_on_both_paths() {
+    let answer =
+        b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n".to_vec();
+    let upstream = RawUpstream::start(move |_| Script::Answer(answer.clone())).await;
+    for lane in LANES {
+        let proxy = proxy(&[upstream.url()], &["--fast-lane", lane]);
+        let request = "GET /odd HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+        let (status, _, body) = seen_by_client(proxy.addr("proxy"), request).await;
+        assert_eq!(status, "502", "fast lane {lane}: {body}");
+    }
+}

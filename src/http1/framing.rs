@@ -33,6 +33,28 @@ pub enum Invalid {
     /// A request whose `Transfer-Encoding` does not end in `chunked`: its length cannot be known.
     #[error("a request Transfer-Encoding that does not end in chunked")]
     RequestCoding,
+    /// An HTTP/1.0 message with a `Transfer-Encoding` (RFC 9112 §6.1: its framing is faulty, whatever else it
+    /// says; hyper refuses it too).
+    #[error("a Transfer-Encoding in an HTTP/1.0 message")]
+    Http10Coding,
+}
+
+/// [`framing`] for a message of HTTP/1.`minor`: the decision for HTTP/1.1, and an HTTP/1.0 message with a
+/// `Transfer-Encoding` refused (a response without a body still has none: its framing is never read).
+pub fn framing_of<'h, I>(message: Message, minor: u8, headers: I) -> Result<Framing, Invalid>
+where
+    I: IntoIterator<Item = (&'h [u8], &'h [u8])> + Clone,
+{
+    let decided = framing(message, headers.clone())?;
+    let coded = || {
+        headers
+            .into_iter()
+            .any(|(name, _)| name.eq_ignore_ascii_case(b"transfer-encoding"))
+    };
+    if minor == 0 && decided != Framing::Empty && coded() {
+        return Err(Invalid::Http10Coding);
+    }
+    Ok(decided)
 }
 
 /// The framing of `message`, whose header fields are `(name, value)`. `Transfer-Encoding` wins over
@@ -195,6 +217,20 @@ mod tests {
         for (message, headers, expected) in cases {
             assert_eq!(of(*message, headers), *expected, "{message:?} {headers:?}");
         }
+    }
+
+    #[test]
+    fn an_http_1_0_message_with_a_coding_is_refused() {
+        let fields = [(&b"Transfer-Encoding"[..], &b"chunked"[..])];
+        assert_eq!(framing_of(OK, 0, fields), Err(Invalid::Http10Coding));
+        assert_eq!(framing_of(OK, 1, fields), Ok(Framing::Chunked));
+        let length = [(&b"Content-Length"[..], &b"2"[..])];
+        assert_eq!(framing_of(OK, 0, length), Ok(Framing::Length(2)));
+        let no_body = Message::Response {
+            status: 204,
+            to_head: false,
+        };
+        assert_eq!(framing_of(no_body, 0, fields), Ok(Framing::Empty));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use bytes::Bytes;
 
-use super::framing::{framing, Framing, Invalid, Message};
+use super::framing::{framing_of, Framing, Invalid, Message};
 
 /// A parsed head.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,7 +188,7 @@ impl Head {
             Start::Request { .. } => Message::Request,
             Start::Response { status, .. } => Message::Response { status, to_head },
         };
-        framing(message, self.fields())
+        framing_of(message, self.version, self.fields())
     }
 
     /// The head's bytes without the blank line that ends it (and the line break before it).
@@ -258,7 +258,8 @@ mod tests {
         .unwrap();
         assert_eq!(request.target(), Some("/openApi/runJob?appId=1"));
         assert_eq!(request.version(), 0);
-        assert_eq!(request.framing(false), Ok(Framing::Chunked));
+        // RFC 9112 §6.1: an HTTP/1.0 message with a coding has faulty framing.
+        assert_eq!(request.framing(false), Err(Invalid::Http10Coding));
         let Start::Request { method, .. } = request.start() else {
             panic!("a request")
         };

@@ -48,7 +48,7 @@ use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::tap::{self, Fix};
 use super::Proxy;
 use crate::http1::chunked::Chunks;
-use crate::http1::framing::{framing, parse_length, Framing, Message};
+use crate::http1::framing::{framing_of, parse_length, Framing, Message};
 use crate::http1::write::{is_framing_field, put_line, write_framing};
 use crate::powerjob;
 
@@ -391,8 +391,9 @@ impl Conn<'_> {
             to_head: request.method == Method::HEAD,
         };
         let fields = head.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-        let framing =
-            framing(message, fields).map_err(|err| broken(format!("{err} in the answer")))?;
+        let minor = head.version.unwrap_or(1);
+        let framing = framing_of(message, minor, fields)
+            .map_err(|err| broken(format!("{err} in the answer")))?;
         let upstream_close = head.version != Some(1)
             || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();

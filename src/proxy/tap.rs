@@ -12,8 +12,9 @@
 //! - the header in another case with the value `true` → its name is rewritten in exact case (same length, in place);
 //! - any other value (`false`) or status, or the exact name already → left as it came: `false` never becomes `true`.
 //!
-//! Interim (1xx) heads pass untouched; the final head is the one repaired. Bodies are never looked at. A head
-//! larger than [`MAX_ANSWER_HEAD`] or one that does not parse passes unchanged for hyper to judge.
+//! Interim (1xx) heads pass untouched; the final head is the one repaired. Heads are read with
+//! [`crate::http1::head`]; bodies are never looked at. A head larger than [`MAX_ANSWER_HEAD`] or one that does
+//! not parse passes unchanged for hyper to judge.
 //!
 //! The fast lane ([`super::lane`]) reads answer heads itself and applies the same rule through [`auth_fix`].
 //!

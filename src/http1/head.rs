@@ -75,15 +75,18 @@ impl Head {
         };
         // A head is refused past the limit however its bytes arrive: one that completes beyond it too.
         let too_large = |len: usize| len > limits.bytes;
+        let partial = || {
+            if too_large(buf.len()) {
+                Err(HeadError::TooLarge(limits.bytes))
+            } else {
+                Ok(None)
+            }
+        };
         let at = |part: &[u8]| offset(buf, part);
         let (len, start, version, fields) = if request {
             let mut head = httparse::Request::new(slots);
             let httparse::Status::Complete(len) = head.parse(buf).map_err(malformed)? else {
-                return if too_large(buf.len()) {
-                    Err(HeadError::TooLarge(limits.bytes))
-                } else {
-                    Ok(None)
-                };
+                return partial();
             };
             let (Some(method), Some(target)) = (head.method, head.path) else {
                 return Err(HeadError::Malformed("no request line".into()));
@@ -96,11 +99,7 @@ impl Head {
         } else {
             let mut head = httparse::Response::new(slots);
             let httparse::Status::Complete(len) = head.parse(buf).map_err(malformed)? else {
-                return if too_large(buf.len()) {
-                    Err(HeadError::TooLarge(limits.bytes))
-                } else {
-                    Ok(None)
-                };
+                return partial();
             };
             let Some(status) = head.code else {
                 return Err(HeadError::Malformed("no status line".into()));

@@ -1,8 +1,10 @@
-//! Header rules on the way through: hop-by-hop removal, `X-Forwarded-*`, and exact-case response heads.
+//! Header rules on the way through, one place for both paths: hop-by-hop removal, `X-Forwarded-*`, the
+//! answer-head limits, the auth-header rule ([`auth_fix`]: what a 200 head needs for the 5.1.0 client), and
+//! exact-case response heads.
 //!
-//! What this module does not own: the repair of `X-POWERJOB-AUTH-PASSED` on forwarded answers. That happens on
-//! the upstream connection's bytes, before hyper parses them (`tap.rs`), because hyper keeps the header-case map
-//! private: a name added to a `HeaderMap` afterwards would leave in lower case.
+//! The auth-header rule is applied where the bytes are, not here: on the upstream connection's bytes before
+//! hyper parses them (`tap.rs`), because hyper keeps the header-case map private and a name added to a
+//! `HeaderMap` afterwards would leave in lower case; and by the fast lane as it writes the head (`lane.rs`).
 
 use std::net::IpAddr;
 
@@ -12,6 +14,8 @@ use http::response;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::powerjob::AUTH_PASSED;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), plus the legacy ones proxies drop.
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -31,6 +35,34 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 pub const MAX_ANSWER_HEAD: usize = 400 * 1024;
 /// The most headers an answer head may have: hyper's client's limit.
 pub const MAX_ANSWER_HEADERS: usize = 100;
+
+/// The header line the auth-header repair adds.
+pub const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
+
+/// What a 200 head needs.
+#[derive(Debug, PartialEq)]
+pub enum Fix {
+    /// No such header: add one.
+    Add,
+    /// The header with value true, its name in another case: the field at this index.
+    Rename(usize),
+}
+
+/// The auth-header rule (the one place it is written; the tap and the lane apply it): what a 200 answer head
+/// with these fields (in order) needs for the 5.1.0 client to find `X-POWERJOB-AUTH-PASSED: true`.
+pub fn auth_fix<'h>(fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>) -> Option<Fix> {
+    let found = fields
+        .into_iter()
+        .enumerate()
+        .find(|(_, (name, _))| name.eq_ignore_ascii_case(AUTH_PASSED.as_bytes()));
+    let Some((index, (name, value))) = found else {
+        return Some(Fix::Add);
+    };
+    if name == AUTH_PASSED.as_bytes() || !value.trim_ascii().eq_ignore_ascii_case(b"true") {
+        return None;
+    }
+    Some(Fix::Rename(index))
+}
 
 /// Whether `name` is one of [`HOP_BY_HOP`] (`Connection` included), in any case: for heads read as bytes.
 pub fn is_hop_by_hop(name: &str) -> bool {
@@ -187,6 +219,28 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-powerjob-app-id"));
+    }
+
+    #[test]
+    fn the_auth_header_rule() {
+        let fix = |fields: &[(&str, &str)]| {
+            auth_fix(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())))
+        };
+        assert_eq!(fix(&[("Content-Type", "json")]), Some(Fix::Add));
+        assert_eq!(
+            fix(&[("X-POWERJOB-AUTH-PASSED", "true")]),
+            None,
+            "as it should be"
+        );
+        assert_eq!(
+            fix(&[("A", "1"), ("x-powerjob-auth-passed", " TRUE ")]),
+            Some(Fix::Rename(1))
+        );
+        assert_eq!(
+            fix(&[("x-powerjob-auth-passed", "false")]),
+            None,
+            "false never becomes true"
+        );
     }
 
     #[test]

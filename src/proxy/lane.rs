@@ -44,8 +44,8 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::error::{rescue, ProxyError};
+use super::headers::{auth_fix, Fix, AUTH_LINE};
 use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
-use super::tap::{self, Fix};
 use super::Proxy;
 use crate::http1::chunked::Chunks;
 use crate::http1::framing::{framing_of, parse_length, Framing, Message};
@@ -398,7 +398,7 @@ impl Conn<'_> {
             || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();
         let fix = (request.repair && code == 200)
-            .then(|| tap::auth_fix(head.headers.iter().map(|h| (h.name.as_bytes(), h.value))))
+            .then(|| auth_fix(head.headers.iter().map(|h| (h.name.as_bytes(), h.value))))
             .flatten();
         let named = connection_names(head.headers);
         wire.clear();
@@ -428,7 +428,7 @@ impl Conn<'_> {
             metrics.auth_headers_repaired.inc();
         }
         if fix == Some(Fix::Add) {
-            wire.extend_from_slice(tap::AUTH_LINE);
+            wire.extend_from_slice(AUTH_LINE);
         }
         if close {
             wire.extend_from_slice(b"Connection: close\r\n");

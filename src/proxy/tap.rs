@@ -16,7 +16,8 @@
 //! [`crate::http1::head`]; bodies are never looked at. A head larger than [`MAX_ANSWER_HEAD`] or one that does
 //! not parse passes unchanged for hyper to judge.
 //!
-//! The fast lane ([`super::lane`]) reads answer heads itself and applies the same rule through [`auth_fix`].
+//! The rule itself is [`super::headers::auth_fix`]; the fast lane ([`super::lane`]) reads answer heads itself and
+//! applies it too.
 //!
 //! The tap can also keep a copy of the final head as it goes to hyper ([`Arm::capture`]): the idempotency
 //! engine stores it, so a replayed answer carries the header names in the server's case.
@@ -32,10 +33,8 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::powerjob::AUTH_PASSED;
 
-use super::headers::{MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
+use super::headers::{auth_fix, Fix, AUTH_LINE, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use crate::http1::head::{Head, Limits};
-/// The header line the repair adds.
-pub(super) const AUTH_LINE: &[u8] = b"X-POWERJOB-AUTH-PASSED: true\r\n";
 
 /// What the tap does with the next response head.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -207,31 +206,6 @@ fn repair(
             _ => return Some((std::mem::take(buf), None)),
         }
     }
-}
-
-/// What a 200 head needs.
-#[derive(Debug, PartialEq)]
-pub(super) enum Fix {
-    /// No such header: add one.
-    Add,
-    /// The header with value true, its name in another case: the field at this index.
-    Rename(usize),
-}
-
-/// The auth-header rule (the one place it is written; the tap and the lane apply it): what a 200 answer head
-/// with these fields (in order) needs for the 5.1.0 client to find `X-POWERJOB-AUTH-PASSED: true`.
-pub(super) fn auth_fix<'h>(fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>) -> Option<Fix> {
-    let found = fields
-        .into_iter()
-        .enumerate()
-        .find(|(_, (name, _))| name.eq_ignore_ascii_case(AUTH_PASSED.as_bytes()));
-    let Some((index, (name, value))) = found else {
-        return Some(Fix::Add);
-    };
-    if name == AUTH_PASSED.as_bytes() || !value.trim_ascii().eq_ignore_ascii_case(b"true") {
-        return None;
-    }
-    Some(Fix::Rename(index))
 }
 
 /// `buf` with `fix` applied to the head ending at `head_end`; a rename writes the name that starts at `rename`.

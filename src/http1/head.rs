@@ -154,6 +154,14 @@ impl Head {
         }
     }
 
+    /// A response's reason phrase, as sent (empty for a request).
+    pub fn reason(&self) -> &[u8] {
+        match &self.start {
+            Start::Response { reason, .. } => &self.bytes[reason.clone()],
+            Start::Request { .. } => b"",
+        }
+    }
+
     /// A request's target, as sent.
     pub fn target(&self) -> Option<&str> {
         match &self.start {

@@ -65,10 +65,10 @@ pub fn auth_fix<'h>(fields: impl IntoIterator<Item = (&'h [u8], &'h [u8])>) -> O
 }
 
 /// Whether `name` is one of [`HOP_BY_HOP`] (`Connection` included), in any case: for heads read as bytes.
-pub fn is_hop_by_hop(name: &str) -> bool {
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP
         .iter()
-        .any(|hop| name.eq_ignore_ascii_case(hop.as_str()))
+        .any(|hop| name.eq_ignore_ascii_case(hop.as_str().as_bytes()))
 }
 
 /// Writes a `Content-Length` that came as a list of one value (`2, 2`, or repeated lines), which hyper read as

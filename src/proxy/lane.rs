@@ -48,7 +48,8 @@ use super::headers::{auth_fix, Fix, AUTH_LINE};
 use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::Proxy;
 use crate::http1::chunked::Chunks;
-use crate::http1::framing::{framing_of, parse_length, Framing, Message};
+use crate::http1::framing::{parse_length, Framing, Message};
+use crate::http1::head::{Head, HeadError, Limits};
 use crate::http1::write::{is_framing_field, put_line, write_framing};
 use crate::powerjob;
 
@@ -93,12 +94,12 @@ pub async fn serve(
         let request = loop {
             if !conn.buf.is_empty() {
                 match conn.read_head() {
-                    Head::Request(request) => break request,
-                    Head::HandOff => return Exit::HandOff(conn.client, conn.buf),
-                    Head::Partial if conn.buf.len() > proxy.max_header_bytes => {
+                    Read::Request(request) => break request,
+                    Read::HandOff => return Exit::HandOff(conn.client, conn.buf),
+                    Read::Partial if conn.buf.len() > proxy.max_header_bytes => {
                         return Exit::HandOff(conn.client, conn.buf)
                     }
-                    Head::Partial => {}
+                    Read::Partial => {}
                 }
             }
             conn.buf.reserve(READ_CHUNK);
@@ -171,7 +172,7 @@ impl<T: crate::proxy::delivery::SocketError> crate::proxy::delivery::SocketError
 }
 
 /// What the bytes read so far hold.
-enum Head {
+enum Read {
     /// A request for the lane, its head consumed.
     Request(Request),
     /// The start of a head: read on.
@@ -249,11 +250,11 @@ impl Deadline {
 impl Conn<'_> {
     /// Parses the head at the start of `buf` and, when the lane takes the request, consumes it and writes its
     /// target and upstream header lines into `lines`. Nothing is consumed otherwise.
-    fn read_head(&mut self) -> Head {
+    fn read_head(&mut self) -> Read {
         match self.take_head() {
-            Ok(Some(request)) => Head::Request(request),
-            Ok(None) => Head::Partial,
-            Err(()) => Head::HandOff,
+            Ok(Some(request)) => Read::Request(request),
+            Ok(None) => Read::Partial,
+            Err(()) => Read::HandOff,
         }
     }
 
@@ -366,7 +367,7 @@ impl Conn<'_> {
             }
         };
         answer_due.set(timeout);
-        let len = tokio::select! {
+        let head = tokio::select! {
             biased;
             result = exchange => result?,
             () = answer_due.elapsed() => {
@@ -381,49 +382,43 @@ impl Conn<'_> {
             .upstream_passthrough
             .observe(started.elapsed().as_secs_f64());
         // The client's head: the upstream's, minus hop-by-hop headers, repaired.
-        let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
-        let mut head = httparse::Response::new(&mut slots);
-        head.parse(&up_buf[..len])
-            .map_err(|err| broken(format!("invalid answer head: {err}")))?;
-        let code = head.code.unwrap_or(0);
+        let code = head.status().unwrap_or(0);
         let message = Message::Response {
             status: code,
             to_head: request.method == Method::HEAD,
         };
-        let fields = head.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-        let minor = head.version.unwrap_or(1);
-        let framing = framing_of(message, minor, fields)
+        let framing = head
+            .framing(request.method == Method::HEAD)
             .map_err(|err| broken(format!("{err} in the answer")))?;
-        let upstream_close = head.version != Some(1)
-            || connection_tokens(head.headers).any(|t| t.eq_ignore_ascii_case(b"close"));
+        let upstream_close = head.version() != 1
+            || connection_tokens(head.fields()).any(|t| t.eq_ignore_ascii_case(b"close"));
         let close = request.close || cut_short || framing == Framing::Close || *stopped.borrow();
         let fix = (request.repair && code == 200)
-            .then(|| auth_fix(head.headers.iter().map(|h| (h.name.as_bytes(), h.value))))
+            .then(|| auth_fix(head.fields()))
             .flatten();
-        let named = connection_names(head.headers);
+        let named = connection_names(head.fields());
         wire.clear();
-        let _ = write!(wire, "HTTP/1.1 {code} {}\r\n", head.reason.unwrap_or(""));
-        for (index, header) in head.headers.iter().enumerate() {
+        wire.extend_from_slice(b"HTTP/1.1 ");
+        let _ = write!(wire, "{code} ");
+        wire.extend_from_slice(head.reason());
+        wire.extend_from_slice(b"\r\n");
+        for (index, (name, value)) in head.fields().enumerate() {
             // The framing fields are written from the decision below, whatever `Connection` names.
-            if is_framing_field(header.name.as_bytes())
-                || is_hop_by_hop(header.name)
-                || named
-                    .iter()
-                    .any(|n| n.eq_ignore_ascii_case(header.name.as_bytes()))
+            if is_framing_field(name)
+                || is_hop_by_hop(name)
+                || named.iter().any(|n| n.eq_ignore_ascii_case(name))
             {
                 continue;
             }
-            let renamed = fix == Some(Fix::Rename(index));
-            let name = if renamed {
-                powerjob::AUTH_PASSED
+            let name = if fix == Some(Fix::Rename(index)) {
+                powerjob::AUTH_PASSED.as_bytes()
             } else {
-                header.name
+                name
             };
-            put_line(wire, name.as_bytes(), header.value);
+            put_line(wire, name, value);
         }
         // The body goes out framed as it came, and its framing fields say so.
-        let fields = head.headers.iter().map(|h| (h.name.as_bytes(), h.value));
-        write_framing(wire, message, framing, fields);
+        write_framing(wire, message, framing, head.fields());
         if fix.is_some() {
             metrics.auth_headers_repaired.inc();
         }
@@ -434,7 +429,6 @@ impl Conn<'_> {
             wire.extend_from_slice(b"Connection: close\r\n");
         }
         wire.extend_from_slice(b"\r\n");
-        up_buf.advance(len);
         // The body: what came with the head goes out with it, the rest as it arrives.
         let mut body = Body::new(framing);
         let mut done = body
@@ -549,25 +543,28 @@ async fn read_answer_head(
     stream: &mut TcpStream,
     up_buf: &mut BytesMut,
     broken: &impl Fn(String) -> Failure,
-) -> Result<usize, Failure> {
+) -> Result<Head, Failure> {
+    let limits = Limits {
+        bytes: MAX_ANSWER_HEAD,
+        fields: MAX_ANSWER_HEADERS,
+    };
     loop {
         if !up_buf.is_empty() {
-            let mut slots = [httparse::EMPTY_HEADER; MAX_ANSWER_HEADERS];
-            let mut head = httparse::Response::new(&mut slots);
-            match head.parse(up_buf) {
-                Ok(httparse::Status::Complete(len)) => match head.code {
+            match Head::response(up_buf, limits) {
+                Ok(Some(head)) => match head.status() {
                     Some(101) => return Err(broken("an unrequested protocol switch (101)".into())),
                     Some(100..=199) => {
-                        up_buf.advance(len);
+                        up_buf.advance(head.len());
                         continue;
                     }
-                    _ => return Ok(len),
+                    _ => {
+                        up_buf.advance(head.len());
+                        return Ok(head);
+                    }
                 },
-                Ok(httparse::Status::Partial) if up_buf.len() < MAX_ANSWER_HEAD => {}
-                Ok(httparse::Status::Partial) => {
-                    return Err(broken(format!(
-                        "answer head larger than {MAX_ANSWER_HEAD} bytes"
-                    )))
+                Ok(None) => {}
+                Err(HeadError::TooLarge(limit)) => {
+                    return Err(broken(format!("answer head larger than {limit} bytes")))
                 }
                 Err(err) => return Err(broken(format!("invalid answer head: {err}"))),
             }
@@ -655,7 +652,7 @@ fn request_head(
                 }
             }
             continue;
-        } else if is_hop_by_hop(name) {
+        } else if is_hop_by_hop(name.as_bytes()) {
             continue;
         } else if is("host") {
             if has_host {
@@ -763,17 +760,18 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value.split(|b| *b == b',').map(<[u8]>::trim_ascii)
 }
 
-/// The tokens of every `Connection` header.
-fn connection_tokens<'h>(headers: &'h [httparse::Header<'_>]) -> impl Iterator<Item = &'h [u8]> {
-    headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
-        .flat_map(|h| tokens(h.value))
+/// The tokens of every `Connection` field of a head.
+fn connection_tokens<'h>(
+    fields: impl Iterator<Item = (&'h [u8], &'h [u8])>,
+) -> impl Iterator<Item = &'h [u8]> {
+    fields
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"connection"))
+        .flat_map(|(_, value)| tokens(value))
 }
 
-/// The headers a `Connection` header names, to drop with it (besides its `close` and `keep-alive`).
-fn connection_names<'h>(headers: &'h [httparse::Header<'_>]) -> Vec<&'h [u8]> {
-    connection_tokens(headers)
+/// The fields a `Connection` field names, to drop with it (besides its `close` and `keep-alive`).
+fn connection_names<'h>(fields: impl Iterator<Item = (&'h [u8], &'h [u8])>) -> Vec<&'h [u8]> {
+    connection_tokens(fields)
         .filter(|t| {
             !t.is_empty()
                 && !t.eq_ignore_ascii_case(b"close")

@@ -1,6 +1,7 @@
 //! A message head as it came: one buffer, header names as sent (the case the 5.1.0 client depends on), every
 //! part a range into the buffer. Parsed with `httparse`, the parser hyper uses, under limits of the caller's.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use bytes::Bytes;
@@ -67,8 +68,11 @@ impl Head {
     }
 
     fn parse(buf: &[u8], limits: Limits, request: bool) -> Result<Option<Head>, HeadError> {
-        let mut slots = [httparse::EMPTY_HEADER; SLOTS];
+        // Uninitialised: a head's few fields are written, not the whole array (8 KiB zeroed per head cost
+        // more than the parse).
+        let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; SLOTS];
         let slots = &mut slots[..limits.fields.min(SLOTS)];
+        let config = httparse::ParserConfig::default();
         let malformed = |err: httparse::Error| match err {
             httparse::Error::TooManyHeaders => HeadError::TooManyFields(limits.fields),
             other => HeadError::Malformed(other.to_string()),
@@ -83,9 +87,16 @@ impl Head {
             }
         };
         let at = |part: &[u8]| offset(buf, part);
+        let ranges = |fields: &[httparse::Header<'_>]| -> Vec<(Range<usize>, Range<usize>)> {
+            fields
+                .iter()
+                .map(|field| (at(field.name.as_bytes()), at(field.value.trim_ascii())))
+                .collect()
+        };
         let (len, start, version, fields) = if request {
-            let mut head = httparse::Request::new(slots);
-            let httparse::Status::Complete(len) = head.parse(buf).map_err(malformed)? else {
+            let mut head = httparse::Request::new(&mut []);
+            let parsed = config.parse_request_with_uninit_headers(&mut head, buf, slots);
+            let httparse::Status::Complete(len) = parsed.map_err(malformed)? else {
                 return partial();
             };
             let (Some(method), Some(target)) = (head.method, head.path) else {
@@ -95,30 +106,23 @@ impl Head {
                 method: at(method.as_bytes()),
                 target: at(target.as_bytes()),
             };
-            (len, start, head.version, head.headers.to_vec())
+            (len, start, head.version, ranges(head.headers))
         } else {
-            let mut head = httparse::Response::new(slots);
-            let httparse::Status::Complete(len) = head.parse(buf).map_err(malformed)? else {
+            let mut head = httparse::Response::new(&mut []);
+            let parsed = config.parse_response_with_uninit_headers(&mut head, buf, slots);
+            let httparse::Status::Complete(len) = parsed.map_err(malformed)? else {
                 return partial();
             };
             let Some(status) = head.code else {
                 return Err(HeadError::Malformed("no status line".into()));
             };
             let reason = head.reason.map_or(0..0, |reason| at(reason.as_bytes()));
-            (
-                len,
-                Start::Response { status, reason },
-                head.version,
-                head.headers.to_vec(),
-            )
+            let start = Start::Response { status, reason };
+            (len, start, head.version, ranges(head.headers))
         };
         if too_large(len) {
             return Err(HeadError::TooLarge(limits.bytes));
         }
-        let fields = fields
-            .iter()
-            .map(|field| (at(field.name.as_bytes()), at(field.value.trim_ascii())))
-            .collect();
         Ok(Some(Head {
             bytes: Bytes::copy_from_slice(&buf[..len]),
             start,
@@ -159,6 +163,14 @@ impl Head {
         match &self.start {
             Start::Response { reason, .. } => &self.bytes[reason.clone()],
             Start::Request { .. } => b"",
+        }
+    }
+
+    /// A request's method, as sent (empty for a response).
+    pub fn method(&self) -> &[u8] {
+        match &self.start {
+            Start::Request { method, .. } => &self.bytes[method.clone()],
+            Start::Response { .. } => b"",
         }
     }
 

@@ -61,8 +61,6 @@ pub enum Exit {
     HandOff(TcpStream, BytesMut),
 }
 
-/// Header slots for one head (hyper's server keeps as many); a request with more goes to hyper.
-const MAX_HEADERS: usize = 100;
 /// Read size for bodies and heads.
 const READ_CHUNK: usize = 16 * 1024;
 
@@ -605,22 +603,20 @@ fn request_head(
     peer: std::net::IpAddr,
     lines: &mut Vec<u8>,
 ) -> Result<Option<(usize, Request)>, ()> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut head = httparse::Request::new(&mut slots);
-    let len = match head.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        // Malformed heads, more than MAX_HEADERS headers: hyper's to refuse.
-        Err(_) => return Err(()),
+    let limits = Limits {
+        bytes: rules.max_header_bytes,
+        fields: rules.max_headers,
     };
-    if head.version != Some(1)
-        || len > rules.max_header_bytes
-        || head.headers.len() > rules.max_headers
-    {
+    // Malformed heads, over the limits: hyper's to refuse.
+    let Some(head) = Head::request(buf, limits).map_err(drop)? else {
+        return Ok(None);
+    };
+    let len = head.len();
+    if head.version() != 1 {
         return Err(());
     }
-    let method = Method::from_bytes(head.method.ok_or(())?.as_bytes()).map_err(|_| ())?;
-    let target = head.path.ok_or(())?;
+    let method = Method::from_bytes(head.method()).map_err(drop)?;
+    let target = head.target().ok_or(())?;
     if method == Method::CONNECT || !target.starts_with('/') || !target.bytes().all(is_target_byte)
     {
         return Err(());
@@ -630,9 +626,8 @@ fn request_head(
     let header_start = lines.len();
     let (mut body, mut close, mut has_host, mut has_proto) = (None, false, false, false);
     let mut first_forwarded_for: Option<&[u8]> = None;
-    for header in head.headers.iter() {
-        let (name, value) = (header.name, header.value.trim_ascii());
-        let is = |known: &str| name.eq_ignore_ascii_case(known);
+    for (name, value) in head.fields() {
+        let is = |known: &str| name.eq_ignore_ascii_case(known.as_bytes());
         if is("content-length") {
             if body.is_some() {
                 return Err(());
@@ -652,7 +647,7 @@ fn request_head(
                 }
             }
             continue;
-        } else if is_hop_by_hop(name.as_bytes()) {
+        } else if is_hop_by_hop(name) {
             continue;
         } else if is("host") {
             if has_host {
@@ -666,7 +661,7 @@ fn request_head(
         } else if is("x-forwarded-proto") {
             has_proto = true;
         }
-        put_line(lines, name.as_bytes(), header.value);
+        put_line(lines, name, value);
     }
     let framing = body.map_or(Framing::Empty, Framing::Length);
     write_framing(lines, Message::Request, framing, []);

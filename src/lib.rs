@@ -19,9 +19,10 @@
 //! - [`powerjob`]: protocol facts, read from PowerJob's source.
 //! - [`sim`]: the simulator, not the product: the mock server ([`sim::mock`]) and the 5.1.0 client emulation
 //!   ([`sim::client`]), for the demo, the tests and the benchmark.
-//! - [`http1`]: the HTTP/1.1 contract in one place: the head as it came (read by [`rawhttp`] and the tap), the
-//!   framing decision and the chunked decoder (shared with the lane), and the head lines the lane writes,
-//!   framing fields from the decision.
+//! - [`http1`]: the HTTP/1.1 contract in one place: the head as it came, the framing decision, the chunked
+//!   decoder and the head lines the lane writes (framing fields from the decision); the lane, the tap and
+//!   [`rawhttp`] read every head with it. A change to framing belongs here; to header rules, in
+//!   [`proxy::headers`]; to the engine's leader, in [`guard`]; to the store, in [`store`].
 //! - [`rawhttp`]: the one minimal HTTP/1.1 client that keeps header-name case, with a request reader for scripted
 //!   upstreams (the client emulation, the demo's mock stats, tests); never on the proxy's request path.
 //! - [`telemetry`]: tracing setup.

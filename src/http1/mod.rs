@@ -4,9 +4,9 @@
 //!
 //! [`head`], a head as it came (one buffer, names as sent, ranges); [`framing`], how a message's body is
 //! delimited (RFC 9112 §6.3); [`chunked`], the one chunked decoder; and [`write`], the head lines for the next
-//! hop, with the framing fields written from the framing decision, never copied. [`crate::rawhttp`] reads
-//! with all of them; the lane takes its framing, chunked and writing from here and still parses its own heads
-//! with `httparse` on the hot path.
+//! hop, with the framing fields written from the framing decision, never copied. Every head runonce reads
+//! itself goes through [`head`]: the lane's requests and answers, the tap's answers, [`crate::rawhttp`]'s.
+//! `tests/http1_differential.rs` (and the `http1_response` fuzz target) hold the codec to hyper's reading.
 
 pub mod chunked;
 pub mod framing;

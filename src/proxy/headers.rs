@@ -6,6 +6,7 @@
 //! hyper parses them (`tap.rs`), because hyper keeps the header-case map private and a name added to a
 //! `HeaderMap` afterwards would leave in lower case; and by the fast lane as it writes the head (`lane.rs`).
 
+use std::io::Write as _;
 use std::net::IpAddr;
 
 use bytes::Bytes;
@@ -123,17 +124,31 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, proto: &'static str) {
     const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
     const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
-    let ip = client.to_string();
-    let value = match headers.get(&XFF).and_then(|v| v.to_str().ok()) {
-        Some(earlier) if !earlier.is_empty() => format!("{earlier}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    let mut value = Vec::with_capacity(64);
+    forwarded_for(
+        headers.get(&XFF).map(HeaderValue::as_bytes),
+        client,
+        &mut value,
+    );
+    if let Ok(value) = HeaderValue::from_bytes(&value) {
         headers.insert(XFF, value);
     }
     headers
         .entry(XFP)
         .or_insert(HeaderValue::from_static(proto));
+}
+
+/// Writes the `X-Forwarded-For` value runonce sends (the rule for both paths; the lane writes it into its head
+/// lines): the earlier hops' value (the first field's, kept when it reads as a header string: visible ASCII and
+/// tabs, as `HeaderValue::to_str` decides), then the client's address.
+pub fn forwarded_for(earlier: Option<&[u8]>, client: IpAddr, to: &mut Vec<u8>) {
+    let readable =
+        |v: &&[u8]| !v.is_empty() && v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b));
+    if let Some(earlier) = earlier.filter(readable) {
+        to.extend_from_slice(earlier);
+        to.extend_from_slice(b", ");
+    }
+    let _ = write!(to, "{client}");
 }
 
 /// Parses a rendered HTTP/1.1 response head (status line, headers, blank line) into `Parts` whose header names
@@ -219,6 +234,26 @@ mod tests {
         remove_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-powerjob-app-id"));
+    }
+
+    #[test]
+    fn forwarded_for_keeps_readable_earlier_hops_then_the_client() {
+        let written = |earlier: Option<&[u8]>| {
+            let mut to = Vec::new();
+            forwarded_for(earlier, "10.0.0.9".parse().unwrap(), &mut to);
+            String::from_utf8(to).unwrap()
+        };
+        assert_eq!(written(None), "10.0.0.9");
+        assert_eq!(
+            written(Some(b"1.2.3.4, 5.6.7.8")),
+            "1.2.3.4, 5.6.7.8, 10.0.0.9"
+        );
+        assert_eq!(written(Some(b"")), "10.0.0.9");
+        assert_eq!(
+            written(Some("caf\u{e9}".as_bytes())),
+            "10.0.0.9",
+            "not a header string"
+        );
     }
 
     #[test]

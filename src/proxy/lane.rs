@@ -20,9 +20,11 @@
 //! and every unusual framing keeps one implementation, hyper's path in `proxy/mod.rs`. The hand-off happens
 //! only between requests, before anything of the handed request went anywhere.
 //!
-//! Forwarding keeps the promises of hyper's path: the same header rules (`headers.rs`: hop-by-hop removal,
-//! `X-Forwarded-For`/`-Proto`, `Host` when missing), the auth-header repair (`tap.rs`'s rule, on the head the
-//! lane reads), failover only while nothing was sent (a connect failure; a pooled connection that reads as
+//! Its loop: read a head with the codec (`http1::head`), classify it (`Proxy::classify`, as hyper's path does),
+//! forward, stream the answer, or hand off. Forwarding keeps the promises of hyper's path: the same header rules
+//! (`headers.rs`: hop-by-hop removal, `X-Forwarded-For`/`-Proto`, `Host` when missing, the auth-header rule,
+//! applied to the head the lane reads), framing fields written from the framing decision (`http1::write`),
+//! failover only while nothing was sent (a connect failure; a pooled connection that reads as
 //! closed is dropped before use), `upstream_timeout` up to the answer's head (504, never re-sent), and the
 //! same PowerJob-shaped error answers (`error::rescue`). Answers stream back as their upstream framed them
 //! (`Content-Length`, chunked, or up to the close); interim 1xx heads are dropped, as hyper's client does.
@@ -44,7 +46,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::error::{rescue, ProxyError};
-use super::headers::{auth_fix, Fix, AUTH_LINE};
+use super::headers::{auth_fix, forwarded_for, Fix, AUTH_LINE};
 use super::headers::{is_hop_by_hop, MAX_ANSWER_HEAD, MAX_ANSWER_HEADERS};
 use super::Proxy;
 use crate::http1::chunked::Chunks;
@@ -672,16 +674,10 @@ fn request_head(
     // Classified by the path as the server reads it: a guarded route, a noted `/authApp`, go to hyper.
     let path = target.split('?').next().unwrap_or(target);
     let repair = (rules.classify)(&method, path).ok_or(())?;
-    // `X-Forwarded-For` as `headers::add_forwarded` writes it: earlier hops, then this client.
+    // `X-Forwarded-For` by the one rule: earlier hops, then this client.
     lines.extend_from_slice(b"X-Forwarded-For: ");
-    // Kept when it reads as a header string (visible ASCII and tabs), as `HeaderValue::to_str` decides.
-    let earlier = first_forwarded_for
-        .filter(|v| !v.is_empty() && v.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b)));
-    if let Some(earlier) = earlier {
-        lines.extend_from_slice(earlier);
-        lines.extend_from_slice(b", ");
-    }
-    let _ = write!(lines, "{peer}\r\n");
+    forwarded_for(first_forwarded_for, peer, lines);
+    lines.extend_from_slice(b"\r\n");
     if !has_proto {
         lines.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
     }

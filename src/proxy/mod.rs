@@ -95,6 +95,8 @@ pub struct Class {
     pub repair: bool,
     /// An `/authApp` call (noted for the 5.1.0 re-send, when the repair is off).
     pub auth_app: bool,
+    /// Which access rules apply to it ([`access::Access::scope`]; the lane runs only without access rules).
+    pub scope: access::Scope,
 }
 
 /// The proxy's request handling, shared by every connection.
@@ -152,12 +154,14 @@ impl Proxy {
         &self.guard
     }
 
-    /// What a request is by its method and path: the one decision hyper's path and the lane both take. The
+    /// What a request is by its method and path: the one decision hyper's path and the lane both take (its
+    /// access scope, its guarded route, the auth-header repair, an `/authApp` note). The
     /// endpoint is read as the server reads the path (`powerjob::served_endpoint`), so that no spelling of
     /// `runJob` gets past the guard.
     pub fn classify(&self, method: &Method, path: &str) -> Class {
         let endpoint = powerjob::served_endpoint(path);
         Class {
+            scope: self.access.scope(path),
             repair: self.auth_header == AuthHeader::Repair && endpoint.is_some(),
             auth_app: endpoint.as_deref() == Some(powerjob::AUTH_APP),
             route: endpoint.and_then(|endpoint| self.guard.route(method, &endpoint)),
@@ -211,8 +215,13 @@ impl Proxy {
         };
         self.check_head(&request).map_err(refused)?;
         let (mut parts, body) = request.into_parts();
+        let Class {
+            route,
+            repair,
+            auth_app,
+            scope,
+        } = self.classify(&parts.method, parts.uri.path());
         // Refused callers learn nothing else about the request.
-        let scope = self.access.scope(parts.uri.path());
         self.access
             .check_head(client.ip(), scope, &parts.headers)
             .map_err(refused)?;
@@ -231,11 +240,6 @@ impl Proxy {
                 limit: self.body_limit,
             }));
         }
-        let Class {
-            route,
-            repair,
-            auth_app,
-        } = self.classify(&parts.method, parts.uri.path());
         if auth_app {
             self.guard.note_auth(client.ip()).await;
         }

@@ -23,8 +23,10 @@
 //! `fail-open` (an in-process store, behind the same registry of this process's leaders). An unknown `runJob`
 //! is resolved by asking PowerJob, and after the store lost its records a new leader asks first (`asking.rs`).
 //!
-//! The files: this one decides a request's role and runs the leader; `asking.rs` asks PowerJob;
-//! `completion.rs` writes a leader's verdict and its delivery; `replay.rs` renders a stored answer.
+//! The files, along DESIGN's diagram: this one keys a request and decides its role (`decide`); `leader.rs`
+//! runs a leader's call; `waiter.rs` is a duplicate's side (join, wait, 409, the token check); `replay.rs`
+//! renders a stored answer; `completion.rs` writes a leader's verdict and its delivery; `asking.rs` asks
+//! PowerJob; `tests.rs` runs these rules against a stand-in server, without sockets.
 
 pub mod auth;
 pub mod flights;
@@ -36,9 +38,11 @@ pub mod routes;
 
 mod asking;
 mod completion;
+mod leader;
 mod replay;
 #[cfg(test)]
 mod tests;
+mod waiter;
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -73,6 +77,7 @@ use heads::Heads;
 use outcome::{Outcome, Reason};
 use replay::{render_head, replay};
 use routes::{Route, Routes};
+use waiter::{wait, Waited};
 
 /// The request header a client may key its request with (IETF httpapi idempotency-key draft).
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -592,56 +597,6 @@ impl Guard {
         }
     }
 
-    /// Shares the outcome of `flight`, this process's leader of the call's key, with a duplicate.
-    async fn join(
-        &self,
-        store: &AnyStore,
-        call: &Call,
-        flight: &Flight,
-        deadline: tokio::time::Instant,
-        seen: &mut Seen,
-    ) -> Result<Response<Answer>, Failure> {
-        if call.client_keyed && flight.info.fingerprint != call.info.fingerprint {
-            metrics::get().key_mismatches.inc();
-            let fields = key::differing_fields(&flight.info.fields, &call.info.fields);
-            return Err(Failure::Refused(ProxyError::KeyReused { fields }));
-        }
-        seen.waited_since.get_or_insert_with(Instant::now);
-        match tokio::time::timeout_at(deadline, flight.outcome()).await {
-            Ok(Shared::Answer(answer)) => self
-                .share(call, &flight.info.credential, answer, None)
-                .await
-                .map_err(Failure::Refused),
-            Ok(Shared::Error(err)) => Err(Failure::Refused(err)),
-            Err(_) => Err(self.still_running(store, call).await),
-        }
-    }
-
-    /// 409 for a duplicate whose call still runs at its deadline; the record notes that it is owed the answer.
-    async fn still_running(&self, store: &AnyStore, call: &Call) -> Failure {
-        if let Err(err) = store.mark_owed(&call.key).await {
-            metrics::get().store_errors.inc();
-            tracing::warn!(key = call.key.prefix(), %err, "could not note the 409'd duplicate as owed");
-        }
-        Failure::Refused(ProxyError::StillRunning {
-            waited: self.policy.load().wait_timeout,
-        })
-    }
-
-    /// A stored or shared answer for a duplicate, once its token is good for it ([`Self::check_token`]).
-    async fn share(
-        &self,
-        call: &Call,
-        credential: &str,
-        answer: Stored,
-        mark: Option<(AnyStore, Key, String)>,
-    ) -> Result<Response<Answer>, ProxyError> {
-        if let Some(refusal) = self.check_token(call, credential, &answer).await? {
-            return Ok(refusal);
-        }
-        Ok(replay(&self.heads, answer, mark).await)
-    }
-
     /// A record of `key` on the `fail-open` fallback, when `store` is the configured store and the fallback
     /// holds anything (only after the store failed): a leader claimed there while the store was away.
     async fn fallback_record(&self, store: &AnyStore, key: &Key) -> Option<Record> {
@@ -653,272 +608,6 @@ impl Guard {
         }
         let record = fallback.get(key).await.ok().flatten()?;
         (record.state != State::Released).then_some(record)
-    }
-
-    /// `Some(the server's refusal)` when this duplicate's token is not the leader's and the server does not
-    /// accept it; `None` when the stored answer may be replayed to it ([`auth`]).
-    async fn check_token(
-        &self,
-        call: &Call,
-        leader: &str,
-        stored: &Stored,
-    ) -> Result<Option<Response<Answer>>, ProxyError> {
-        if call.info.credential == leader {
-            return Ok(None);
-        }
-        let (route, key) = (&call.route.name, call.key.prefix());
-        match auth::verify(self.upstreams.as_ref(), &call.parts, stored).await {
-            Ok(auth::Verdict::Accepted) => {
-                tracing::debug!(%route, key, "another token, accepted by the server: replaying");
-                Ok(None)
-            }
-            Ok(auth::Verdict::Refused(answer)) => {
-                tracing::info!(%route, key, status = answer.status().as_u16(), client = %call.client, "another token, not accepted by the server: its answer, not the stored one");
-                Ok(Some(answer))
-            }
-            Err(err) => Err(err),
-        }
-    }
-
-    /// Runs the call as the leader. It already runs in the guarded request's own task (see [`Self::handle`]),
-    /// so the call finishes and its outcome is recorded whatever happens to the client.
-    async fn lead(
-        self: &Arc<Self>,
-        store: &AnyStore,
-        call: &Call,
-        token: String,
-        seen: &mut Seen,
-    ) -> Result<Response<Answer>, ProxyError> {
-        seen.led = true;
-        let metrics = metrics::get();
-        metrics.inflight_keys.inc();
-        // Registered before the call: a duplicate in this process joins it from now on.
-        let flight = self.flights.lead(&call.key, &token, &call.info);
-        let (outcome, led) = self.lead_call(store, call, &token, &flight, seen).await;
-        metrics.inflight_keys.dec();
-        seen.outcome = Some(outcome);
-        let led = led?;
-        let body = Answer::new(led.body);
-        let body = match led.completion {
-            Some(completion) => body
-                .record_delivery(completion.handed_out(call.delivery.clone(), self.delivery_grace)),
-            None => body,
-        };
-        Ok(Response::from_parts(led.parts, body))
-    }
-
-    /// The upstream call with its lease renewed, then the outcome recorded; returns the outcome too.
-    async fn lead_call(
-        self: &Arc<Self>,
-        store: &AnyStore,
-        call: &Call,
-        token: &str,
-        flight: &Arc<Flight>,
-        seen: &mut Seen,
-    ) -> ((metrics::Outcome, Reason), Result<Led, ProxyError>) {
-        let metrics = metrics::get();
-        let key = &call.key;
-        // `Parts` clones with its extensions: hyper's record of the client's header-name case goes upstream too.
-        let (parts, body) = (call.parts.clone(), call.body.clone());
-        let renew = async {
-            // The first tick one period from now: `interval`'s immediate first tick would register a timer
-            // due at once, and tokio wakes its own driver (an eventfd write) for every timer due before the
-            // one it sleeps until, on each guarded call.
-            let period = self.lease / 3;
-            let mut every = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-            loop {
-                every.tick().await;
-                match store.renew(key, token, self.lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!(
-                            key = key.prefix(),
-                            "lease lost while the call runs; its outcome will not be stored"
-                        );
-                        break;
-                    }
-                    Err(err) => {
-                        metrics.store_errors.inc();
-                        tracing::warn!(key = key.prefix(), %err, "lease renewal failed");
-                    }
-                }
-            }
-            std::future::pending::<()>().await;
-        };
-        let started = Instant::now();
-        let sent_from = wall_ms();
-        let led = tokio::select! {
-            led = self.send_unless_recalled(store, call, parts, body) => led,
-            () = renew => unreachable!("renewal never ends"),
-            // The request may have reached the server: the key turns unknown below, never re-sent.
-            () = self.cut_off.cancelled() => Err(ProxyError::ShuttingDown),
-        };
-        let took = started.elapsed();
-        seen.upstream = Some(took);
-        metrics.upstream_guarded(&call.route.name, took);
-        let keep_business_errors = self.policy.load().keep_business_errors;
-        // Where a verdict is recorded: the key, kept for the call's window.
-        let at = (key, call.info.window);
-        let (outcome, answer, shared) = match &led {
-            Ok((led, head)) => {
-                let outcome = outcome::classify(
-                    led.parts.status.as_u16(),
-                    &led.parts.headers,
-                    &led.body,
-                    keep_business_errors,
-                );
-                let answer = Stored {
-                    status: led.parts.status.as_u16(),
-                    head: head.clone().unwrap_or_else(|| render_head(&led.parts)),
-                    body: led.body.clone(),
-                };
-                (outcome, Some(answer.clone()), Shared::Answer(answer))
-            }
-            // Never sent: nothing was created (`ProxyError::sent`, the one rule).
-            Err(err) if !err.sent() => (
-                Outcome::Release(Reason::not_sent),
-                None,
-                Shared::Error(err.clone()),
-            ),
-            // It may have reached the server.
-            Err(err) => (
-                Outcome::Unknown(Reason::no_answer),
-                None,
-                Shared::Error(err.clone()),
-            ),
-        };
-        // The duplicates in this process have their answer now, before the store write.
-        flight.settle(shared, matches!(outcome, Outcome::Done(_)));
-        let reason = outcome.reason();
-        let linger = self.policy.load().wait_timeout;
-        let (counted, change) = match outcome {
-            Outcome::Done(_) => {
-                if let (Some(lost), Some(stored)) = (self.quarantined_since(store, call), &answer) {
-                    self.handed_out.note(lost, wall_ms(), &stored.body);
-                }
-                // Stored with its delivery in one write, when the client's connection takes the answer
-                // (see `Completion`): the usual call then costs the store two operations, not three.
-                let mut led = led;
-                if let (Ok((led, _)), Some(stored)) = (&mut led, answer) {
-                    // Two keys can name the same payload only when a client keys it: such a call's instance
-                    // is noted as its key's, so that the other key's resolution leaves it out.
-                    let instance = (call.client_keyed && call.route.resolve)
-                        .then(|| resolve::instance_id(&stored.body))
-                        .flatten();
-                    led.completion = Some(Completion {
-                        write: Some(Write {
-                            guard: Arc::clone(self),
-                            store: store.clone(),
-                            key: key.clone(),
-                            window: call.info.window,
-                            stored,
-                            instance,
-                            flight: Arc::clone(flight),
-                        }),
-                        delivered: false,
-                        _pending: self.tracker.token(),
-                    });
-                }
-                return ((metrics::Outcome::done, reason), led.map(|(led, _)| led));
-            }
-            Outcome::Release(why) => {
-                tracing::debug!(key = key.prefix(), why = why.as_str(), "released");
-                let verdict = Verdict::Release {
-                    answer: answer.clone(),
-                };
-                (
-                    metrics::Outcome::released,
-                    self.record(store, at, token, verdict).await,
-                )
-            }
-            Outcome::Unknown(why) => {
-                if let Err(err) = &led {
-                    tracing::warn!(key = key.prefix(), %err, why = why.as_str(), "outcome unknown: the key is kept and never re-sent");
-                } else {
-                    tracing::warn!(
-                        key = key.prefix(),
-                        why = why.as_str(),
-                        "outcome unknown: the key is kept and never re-sent"
-                    );
-                }
-                let verdict = Verdict::Unknown {
-                    answer: answer.clone(),
-                };
-                (
-                    metrics::Outcome::unknown,
-                    self.record(store, at, token, verdict).await,
-                )
-            }
-        };
-        let landed = matches!(change, Ok(true));
-        self.flights.finished(key, flight, landed, linger);
-        if landed && counted == metrics::Outcome::unknown && call.route.resolve {
-            self.resolve_later(store, call, token, sent_from);
-        }
-        note_change(key, change);
-        ((counted, reason), led.map(|(led, _)| led))
-    }
-
-    /// Sends a buffered request upstream and reads the whole answer.
-    async fn call_upstream(
-        &self,
-        parts: request::Parts,
-        body: Bytes,
-        repair: bool,
-    ) -> Result<Led, ProxyError> {
-        self.call_upstream_capturing(parts, body, repair)
-            .await
-            .map(|(led, _)| led)
-    }
-
-    /// The server requests go to first (the one that answered last): named in the errors of a call that
-    /// reached it. Read only on a failure.
-    fn current_upstream(&self) -> String {
-        self.upstreams.current()
-    }
-
-    async fn call_upstream_capturing(
-        &self,
-        parts: request::Parts,
-        body: Bytes,
-        repair: bool,
-    ) -> Result<(Led, Option<Bytes>), ProxyError> {
-        let timeout = self.upstreams.response_timeout();
-        tokio::time::timeout(timeout, self.call_upstream_unbounded(parts, body, repair))
-            .await
-            .unwrap_or_else(|_| {
-                Err(ProxyError::Timeout {
-                    upstream: self.current_upstream(),
-                    timeout,
-                })
-            })
-    }
-
-    async fn call_upstream_unbounded(
-        &self,
-        parts: request::Parts,
-        body: Bytes,
-        repair: bool,
-    ) -> Result<(Led, Option<Bytes>), ProxyError> {
-        let arm = Arm {
-            repair,
-            capture: true,
-        };
-        let request = Request::from_parts(parts, body);
-        let Exchanged {
-            mut parts,
-            body,
-            head,
-        } = self.upstreams.exchange(request, arm, MAX_ANSWER).await?;
-        headers::remove_hop_by_hop(&mut parts.headers);
-        Ok((
-            Led {
-                parts,
-                body,
-                completion: None,
-            },
-            head,
-        ))
     }
 }
 
@@ -964,44 +653,6 @@ fn account(route: &Route, key: Option<&Key>, seen: &Seen, answer: Result<(), &Pr
         status,
         "guarded request"
     );
-}
-
-/// What a waiter found.
-// Lives for one turn of a waiter's loop (as `Claim` does).
-#[allow(clippy::large_enum_variant)]
-enum Waited {
-    /// The record left `InFlight`.
-    Settled(Record),
-    /// The leader runs in this process (it registered after the claim): share its outcome in memory.
-    Here(Arc<Flight>),
-    /// The record is gone, and no leader of it runs here: no evidence either way.
-    Vanished,
-    /// Still in flight at the deadline.
-    TooLong,
-}
-
-/// Waits until the record settles, vanishes, or the deadline passes, consulting this process's leaders
-/// after each look at the store.
-async fn wait(
-    store: &AnyStore,
-    flights: &Flights,
-    key: &Key,
-    deadline: tokio::time::Instant,
-) -> Result<Waited, StoreError> {
-    loop {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        store.changed(key, left.min(POLL)).await;
-        let record = store.get(key).await?;
-        if let Some(flight) = flights.find(key) {
-            return Ok(Waited::Here(flight));
-        }
-        match record {
-            Some(record) if record.state != State::InFlight => return Ok(Waited::Settled(record)),
-            Some(_) if tokio::time::Instant::now() >= deadline => return Ok(Waited::TooLong),
-            Some(_) => continue,
-            None => return Ok(Waited::Vanished),
-        }
-    }
 }
 
 /// The client's `Idempotency-Key`, if it sent one: 1 to 255 visible ASCII characters, once.

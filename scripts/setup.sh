@@ -34,6 +34,9 @@ python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 command -v wrk >/dev/null 2>&1 || packages+=(wrk)
 command -v nginx >/dev/null 2>&1 || packages+=(nginx-light)
 command -v ss >/dev/null 2>&1 || packages+=(iproute2)
+# tests/monitoring.rs: `promtool check rules` on monitoring/prometheus (Debian's prometheus package has it; with
+# --no-install-recommends, and no init system in a container, nothing is started).
+command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 if [ "${#packages[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2

@@ -326,6 +326,33 @@ impl Metrics {
             "New runJob leaders that asked PowerJob first while the store was in quarantine: found, none, ambiguous, unsupported, refused, failed",
             quarantine_checks.clone(),
         );
+        // Every result of the families an alert or a dashboard reads is exported from the start, at 0: a series
+        // that appears only with its first increase cannot be told from one that is not exported.
+        for result in [ReloadResult::applied, ReloadResult::refused] {
+            let _ = reloads.get_or_create(&ReloadLabel { result });
+        }
+        use Resolution as R;
+        for result in [
+            R::done,
+            R::released,
+            R::ambiguous,
+            R::unsupported,
+            R::refused,
+            R::failed,
+        ] {
+            let _ = resolutions.get_or_create(&ResolutionLabel { result });
+        }
+        use QuarantineCheck as Q;
+        for result in [
+            Q::found,
+            Q::none,
+            Q::ambiguous,
+            Q::unsupported,
+            Q::refused,
+            Q::failed,
+        ] {
+            let _ = quarantine_checks.get_or_create(&QuarantineLabel { result });
+        }
         Metrics {
             registry,
             requests,

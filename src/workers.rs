@@ -94,11 +94,27 @@ impl Workers {
 }
 
 /// Puts the calling thread under `SCHED_BATCH` (an unprivileged thread may; no capability is needed).
+///
+/// The system call itself, not libc's wrapper: musl's `sched_setscheduler` always fails (POSIX means the
+/// process, Linux's call sets one thread), and its `sched_param` has fields glibc's has not. The kernel's
+/// `struct sched_param` is one `int`.
 #[cfg(target_os = "linux")]
 fn batch_policy() -> io::Result<()> {
-    let param = libc::sched_param { sched_priority: 0 };
-    // SAFETY: a plain system call; pid 0 is the calling thread on Linux, and `param` outlives the call.
-    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } == 0 {
+    #[repr(C)]
+    struct SchedParam {
+        sched_priority: libc::c_int,
+    }
+    let param = SchedParam { sched_priority: 0 };
+    // SAFETY: a plain system call; pid 0 is the calling thread, and `param` outlives the call.
+    let set = unsafe {
+        libc::syscall(
+            libc::SYS_sched_setscheduler,
+            0,
+            libc::SCHED_BATCH,
+            &param as *const SchedParam,
+        )
+    };
+    if set == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())

@@ -37,6 +37,13 @@ command -v ss >/dev/null 2>&1 || packages+=(iproute2)
 # tests/monitoring.rs: `promtool check rules` on monitoring/prometheus (Debian's prometheus package has it; with
 # --no-install-recommends, and no init system in a container, nothing is started).
 command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
+# tests/container.rs: podman builds and runs the image with no registry (scripts/base-images.sh unpacks the base
+# images from Debian's packages with dpkg-deb); runc, since crun refuses a hybrid cgroup set-up; netavark and
+# aardvark-dns for the test's own networks, where containers find each other by name.
+command -v podman >/dev/null 2>&1 || packages+=(podman)
+command -v runc >/dev/null 2>&1 || packages+=(runc)
+[ -x /usr/lib/podman/netavark ] || packages+=(netavark)
+[ -x /usr/lib/podman/aardvark-dns ] || packages+=(aardvark-dns)
 if [ "${#packages[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2
@@ -55,4 +62,11 @@ if ! python3 -c 'import kubernetes_validate, yaml' >/dev/null 2>&1; then
   python3 -m pip install --quiet kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --user kubernetes-validate 2>/dev/null \
     || python3 -m pip install --quiet --user --break-system-packages kubernetes-validate
+fi
+# podman-compose, from PyPI (Debian 12's is 1.0.3), for tests/container.rs's run of docker/docker-compose.yml; the
+# version the test was written against.
+if ! python3 -c 'import podman_compose' >/dev/null 2>&1; then
+  python3 -m pip install --quiet podman-compose==1.6.0 2>/dev/null \
+    || python3 -m pip install --quiet --user podman-compose==1.6.0 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages podman-compose==1.6.0
 fi

@@ -6,7 +6,8 @@
 //!   the admin port; non-root containers with resources; the sidecar's app pointing at runonce on localhost.
 //! - Every `RUNONCE_*` variable in the manifests, the compose file and the Dockerfile is one runonce reads, and
 //!   every runonce command line in them (args + env) starts the real binary (listen addresses moved to free
-//!   loopback ports). The image build itself is not run: there is no Docker engine here.
+//!   loopback ports). The image itself is built and run, and the compose file brought up, by
+//!   tests/container.rs (podman).
 //! - `runonce health`, the image's health check, against a real runonce.
 //!
 //! YAML is read with Python's PyYAML, which kubernetes-validate depends on (both installed by scripts/setup.sh).

@@ -4,7 +4,8 @@
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 when an upstream accepts a connection; 503 when none does or runonce is shutting down
 //!   (at once on SIGTERM, while the drain runs).
-//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]).
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]); each scrape checks readiness first, for
+//!   `runonce_ready`.
 //!
 //! Operator endpoints, which read and change keys and the configuration:
 //! - `GET /keys/{key}`: a record's state, age, owner, fingerprint and stored answer status.
@@ -131,6 +132,8 @@ async fn answer(request: Request<Incoming>, admin: &Admin) -> Response<Full<Byte
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readiness(admin).await,
         (&Method::GET, "/metrics") => {
+            // runonce_ready as of now: a scrape is a probe too.
+            readiness(admin).await;
             let mut response =
                 Response::new(Full::new(Bytes::from(crate::metrics::get().render())));
             response.headers_mut().insert(
@@ -146,21 +149,23 @@ async fn answer(request: Request<Incoming>, admin: &Admin) -> Response<Full<Byte
     }
 }
 
+/// `/readyz`'s answer, also kept in `runonce_ready`.
 async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
-    if *admin.stopping.borrow() {
-        return json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "shutting down"}),
-        );
-    }
-    if admin.proxy.upstreams().any_reachable().await {
-        json(StatusCode::OK, json!({"status": "ready"}))
+    let status = if *admin.stopping.borrow() {
+        "shutting down"
+    } else if admin.proxy.upstreams().any_reachable().await {
+        "ready"
     } else {
-        json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"status": "no upstream reachable"}),
-        )
-    }
+        "no upstream reachable"
+    };
+    let ready = status == "ready";
+    crate::metrics::get().ready.set(i64::from(ready));
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(code, json!({ "status": status }))
 }
 
 /// The operator endpoints, behind the token (or loopback) check.

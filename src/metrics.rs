@@ -117,6 +117,8 @@ pub struct Metrics {
     pub wait: Histogram,
     /// Leaders whose call is running in this process.
     pub inflight_keys: Gauge,
+    /// 1 when `/readyz` would answer 200, as of the last probe or scrape.
+    pub ready: Gauge,
     pub auth_headers_repaired: Counter,
     pub store_errors: Counter,
     pub upstream_failovers: Counter,
@@ -254,6 +256,12 @@ impl Metrics {
             "Guarded calls running upstream in this process (keys this process leads)",
             inflight_keys.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 when runonce answers /readyz with 200 (an upstream accepts a connection, not shutting down), as of the last probe or scrape",
+            ready.clone(),
+        );
         let auth_headers_repaired = Counter::default();
         registry.register(
             "auth_headers_repaired",
@@ -363,6 +371,7 @@ impl Metrics {
             upstream_passthrough,
             wait,
             inflight_keys,
+            ready,
             auth_headers_repaired,
             store_errors,
             upstream_failovers,

@@ -37,7 +37,7 @@ fn the_rules_pass_promtool() {
     let said = String::from_utf8_lossy(&checked.stdout).to_string()
         + &String::from_utf8_lossy(&checked.stderr);
     assert!(checked.status.success(), "{said}");
-    assert!(said.contains("SUCCESS: 6 rules found"), "{said}");
+    assert!(said.contains("SUCCESS: 7 rules found"), "{said}");
 }
 
 #[test]

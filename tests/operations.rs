@@ -222,6 +222,59 @@ async fn store_errors_are_counted_and_no_secret_reaches_the_log() {
     }
 }
 
+/// `runonce_ready` follows `/readyz`, checked at each scrape: 1 while the upstream accepts connections, 0 once it
+/// is gone.
+#[tokio::test]
+async fn runonce_ready_is_what_readyz_would_answer() {
+    let mut mock = mock("v5.1.0-auth-off", 0);
+    let upstreams = [url(mock.addr("mock"))];
+    let proxy = Process::start(
+        &proxy_args(&upstreams, &["--connect-timeout", "200ms"]),
+        &[],
+    );
+    let admin = proxy.addr("admin");
+    assert_eq!(sample(&scrape(admin).await, "runonce_ready"), 1.0);
+    mock.child.kill().expect("kill the mock");
+    mock.child.wait().expect("the mock exits");
+    let text = scrape(admin).await;
+    assert!(text.contains("runonce_ready 0"), "{text}");
+    let readyz = admin_call(admin, "GET", "/readyz", "").await;
+    assert_eq!(readyz.status, 503, "{}", readyz.text());
+}
+
+/// A Redis that refuses every client (protected mode, as a Redis on its own defaults does to a client from another
+/// host or container: it writes `-DENIED …` and closes). The store's own connection retries by itself and only
+/// times out; the log must say what Redis said, not just "no answer".
+#[tokio::test]
+async fn a_redis_that_refuses_every_client_is_named_in_the_log() {
+    const DENIED: &str =
+        "DENIED Redis is running in protected mode because protected mode is enabled";
+    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let store = format!("redis://{}/0", refusing.local_addr().unwrap());
+    let refuser = tokio::spawn(async move {
+        while let Ok((mut client, _)) = refusing.accept().await {
+            let _ = client.write_all(format!("-{DENIED}\r\n").as_bytes()).await;
+        }
+    });
+    let mock = mock("v5.1.0-auth-off", 0);
+    let upstreams = [url(mock.addr("mock"))];
+    let args = proxy_args(&upstreams, &["--store", &store, "--store-timeout", "200ms"]);
+    let (proxy, logs) = Process::start_logged(&args, &[("RUNONCE_LOG", "info")]);
+    for _ in 0..4 {
+        let refused = run_job(proxy.addr("proxy"), FORM, "").await;
+        assert_eq!(refused.status, 503, "{}", refused.text());
+    }
+    let said = logs.wait_for("DENIED");
+    assert!(
+        said.as_deref()
+            .is_some_and(|line| line.contains("redis store")),
+        "{said:?}\n{}",
+        logs.lines().join("\n")
+    );
+    assert_eq!(instances(&mock).await, 0);
+    refuser.abort();
+}
+
 #[tokio::test]
 async fn a_guarded_request_logs_exactly_one_json_line_with_its_fields() {
     let mock = mock("v5.1.1-auth-off", 0);

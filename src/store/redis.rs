@@ -358,9 +358,16 @@ impl RedisStore {
             })
         };
         if replaced {
-            tracing::warn!(
-                "redis store: no answer {RECONNECT_AFTER_TIMEOUTS} times in a row, connecting anew"
-            );
+            // The connection retries by itself and only times out: a connection of its own says why (a Redis in
+            // protected mode writes `-DENIED …` and hangs up, a wrong port refuses, a password is missing).
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move {
+                let probe = inner.target.probe(inner.op_timeout).await;
+                tracing::warn!(
+                    new_connection = %probe.err().as_deref().unwrap_or("answers PING"),
+                    "redis store: no answer {RECONNECT_AFTER_TIMEOUTS} times in a row, connecting anew"
+                );
+            });
         }
     }
 
@@ -811,6 +818,60 @@ impl Store for RedisStore {
 }
 
 impl Target {
+    /// A connection of its own and a `PING`, within `op_timeout`: what Redis (or the network) says to a new client.
+    async fn probe(&self, op_timeout: Duration) -> Result<(), String> {
+        let ping = redis::cmd("PING");
+        let answer = tokio::time::timeout(op_timeout, async {
+            match self {
+                Target::Standalone(client) => {
+                    let mut conn = client.get_multiplexed_async_connection().await?;
+                    ping.query_async::<Value>(&mut conn).await
+                }
+                Target::Cluster(client) => {
+                    let mut conn = client.get_async_connection().await?;
+                    ping.query_async::<Value>(&mut conn).await
+                }
+            }
+        })
+        .await;
+        let failed = match answer {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(err)) if !err.is_io_error() => return Err(err.to_string()),
+            Ok(Err(err)) => err.to_string(),
+            Err(_) => format!("no answer within {} ms", op_timeout.as_millis()),
+        };
+        // The client may have written its hand-shake after Redis hung up, and says only "broken pipe".
+        Err(match self.greeting(op_timeout).await {
+            Some(said) => format!("{failed}; redis said: {said}"),
+            None => failed,
+        })
+    }
+
+    /// The error line a plain-TCP standalone Redis answers an inline `PING` with: `-DENIED …` from one in protected
+    /// mode, which writes it and hangs up on any client from another host.
+    async fn greeting(&self, op_timeout: Duration) -> Option<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let Target::Standalone(client) = self else {
+            return None;
+        };
+        let redis::ConnectionAddr::Tcp(host, port) = client.get_connection_info().addr() else {
+            return None;
+        };
+        let said = tokio::time::timeout(op_timeout, async {
+            let mut conn = tokio::net::TcpStream::connect((host.as_str(), *port))
+                .await
+                .ok()?;
+            let _ = conn.write_all(b"PING\r\n").await;
+            let mut heard = [0u8; 256];
+            let n = conn.read(&mut heard).await.ok()?;
+            let line = String::from_utf8_lossy(&heard[..n]);
+            let line = line.lines().next()?.strip_prefix('-')?;
+            Some(line.to_string())
+        })
+        .await;
+        said.ok().flatten()
+    }
+
     /// A new shared connection; it connects on first use and reconnects by itself.
     fn open(&self, op_timeout: Duration) -> Result<Conn, RedisError> {
         Ok(match self {

@@ -12,6 +12,11 @@ if command -v rustup >/dev/null 2>&1; then
       rustup component add "$component"
     fi
   done
+  # The static build's standard library; the test that needs it says SKIPPED where it could not be added.
+  if ! rustup target list --installed 2>/dev/null | grep -qx x86_64-unknown-linux-musl; then
+    rustup target add x86_64-unknown-linux-musl \
+      || echo "setup: could not add the x86_64-unknown-linux-musl target; the static build test is skipped" >&2
+  fi
 fi
 # make and kill (procps) for the tests' process control; redis-server and redis-cli: the Redis tests start
 # their own servers (standalone and a three-node cluster) on free ports, never a system Redis.
@@ -44,6 +49,8 @@ command -v podman >/dev/null 2>&1 || packages+=(podman)
 command -v runc >/dev/null 2>&1 || packages+=(runc)
 [ -x /usr/lib/podman/netavark ] || packages+=(netavark)
 [ -x /usr/lib/podman/aardvark-dns ] || packages+=(aardvark-dns)
+# tests/container.rs's static build: Debian's musl-tools (musl-gcc, for the C in ring) and the musl target below.
+command -v musl-gcc >/dev/null 2>&1 || packages+=(musl-tools)
 if [ "${#packages[@]}" -gt 0 ]; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "setup: missing ${packages[*]} and no apt-get to install them; install them by hand" >&2

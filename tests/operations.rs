@@ -503,29 +503,6 @@ async fn a_leader_slower_than_the_drain_timeout_is_cut_off_and_its_key_reads_unk
     assert_eq!(instances(&mock).await, 1);
 }
 
-/// The scheduling policy (field 41 of `stat`) of each of the process's threads named `runonce-worker-*`, and
-/// of its other threads.
-#[cfg(target_os = "linux")]
-fn policies(pid: u32) -> (Vec<u32>, Vec<u32>) {
-    let (mut workers, mut others) = (Vec::new(), Vec::new());
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
-        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
-        let policy = stat[close + 2..]
-            .split(' ')
-            .nth(38)
-            .unwrap()
-            .parse()
-            .unwrap();
-        if stat[open + 1..close].starts_with("runonce-worker") {
-            workers.push(policy);
-        } else {
-            others.push(policy);
-        }
-    }
-    (workers, others)
-}
-
 /// Worker threads run under `SCHED_BATCH` (3) by default, and under the normal policy (0) with
 /// `--batch-scheduling false`; the process's other threads keep the normal policy either way.
 #[cfg(target_os = "linux")]
@@ -543,7 +520,7 @@ async fn worker_threads_run_under_sched_batch_unless_switched_off() {
         for _ in 0..2 {
             assert_eq!(run_job(proxy.addr("proxy"), FORM, "").await.status, 200);
         }
-        let (workers, others) = policies(proxy.child.id());
+        let (workers, others) = thread_policies(proxy.child.id());
         assert_eq!(workers, vec![expected; 2], "{extra:?}");
         assert!(
             !others.is_empty() && others.iter().all(|&p| p == 0),

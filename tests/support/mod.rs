@@ -367,3 +367,26 @@ pub fn ok_answer(extra: &str) -> Vec<u8> {
     format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
         .into_bytes()
 }
+
+/// The scheduling policy (field 41 of `stat`) of each of the process's threads named `runonce-worker-*`, and
+/// of its other threads.
+#[cfg(target_os = "linux")]
+pub fn thread_policies(pid: u32) -> (Vec<u32>, Vec<u32>) {
+    let (mut workers, mut others) = (Vec::new(), Vec::new());
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap();
+        let (open, close) = (stat.find('(').unwrap(), stat.rfind(')').unwrap());
+        let policy = stat[close + 2..]
+            .split(' ')
+            .nth(38)
+            .unwrap()
+            .parse()
+            .unwrap();
+        if stat[open + 1..close].starts_with("runonce-worker") {
+            workers.push(policy);
+        } else {
+            others.push(policy);
+        }
+    }
+    (workers, others)
+}

@@ -30,6 +30,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::*;
+use tokio::sync::MutexGuard;
 
 /// The image the compose file names, built here from the test binary.
 const IMAGE: &str = "runonce:local";
@@ -273,6 +274,19 @@ impl Drop for Podman {
     }
 }
 
+/// The test's turn and a podman of its own, named `name`; None where there cannot be one here (said on the
+/// terminal, as `test` skipped).
+async fn podman_for(test: &str, name: &str) -> Option<(MutexGuard<'static, ()>, Podman)> {
+    let turn = TURN.lock().await;
+    match Podman::new(name) {
+        Ok(podman) => Some((turn, podman)),
+        Err(why) => {
+            skipped(test, &why);
+            None
+        }
+    }
+}
+
 /// How the proxy container names the mock's.
 enum Upstream {
     /// `mock`, resolved by podman's DNS (aardvark-dns), as the compose file does.
@@ -345,10 +359,8 @@ async fn duplicates_make_one_instance(proxy: SocketAddr, mock: SocketAddr) {
 #[tokio::test]
 async fn the_image_runs_in_front_of_the_mock_as_nonroot_on_a_read_only_root() {
     const TEST: &str = "the_image_runs_in_front_of_the_mock_as_nonroot_on_a_read_only_root";
-    let _turn = TURN.lock().await;
-    let podman = match Podman::new("image") {
-        Ok(podman) => podman,
-        Err(why) => return skipped(TEST, &why),
+    let Some((_turn, podman)) = podman_for(TEST, "image").await else {
+        return;
     };
     if let Err(why) = podman.images() {
         return skipped(TEST, &why);
@@ -387,10 +399,8 @@ async fn the_image_runs_in_front_of_the_mock_as_nonroot_on_a_read_only_root() {
 #[tokio::test]
 async fn the_compose_file_comes_up_under_podman_compose() {
     const TEST: &str = "the_compose_file_comes_up_under_podman_compose";
-    let _turn = TURN.lock().await;
-    let podman = match Podman::new("compose") {
-        Ok(podman) => podman,
-        Err(why) => return skipped(TEST, &why),
+    let Some((_turn, podman)) = podman_for(TEST, "compose").await else {
+        return;
     };
     if !podman
         .output("python3", &["-c", "import podman_compose"])
@@ -510,7 +520,6 @@ fn has_interpreter(elf: &[u8]) -> bool {
 #[tokio::test]
 async fn a_static_build_runs_from_scratch_with_its_workers_under_sched_batch() {
     const TEST: &str = "a_static_build_runs_from_scratch_with_its_workers_under_sched_batch";
-    let _turn = TURN.lock().await;
     let binary = match static_binary() {
         Ok(binary) => binary,
         Err(why) => return skipped(TEST, &why),
@@ -523,9 +532,8 @@ async fn a_static_build_runs_from_scratch_with_its_workers_under_sched_batch() {
         "the check can tell a dynamic one"
     );
 
-    let podman = match Podman::new("static") {
-        Ok(podman) => podman,
-        Err(why) => return skipped(TEST, &why),
+    let Some((_turn, podman)) = podman_for(TEST, "static").await else {
+        return;
     };
     if let Err(why) = podman.base_images() {
         return skipped(TEST, &why);

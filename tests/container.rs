@@ -18,10 +18,9 @@
 //! Each test has a podman of its own: containers.conf, storage and network files in a temporary folder
 //! (CONTAINERS_CONF, CONTAINERS_STORAGE_CONF), all removed at the end. What rootful podman's netavark changes on
 //! the machine stays: IP forwarding on, and its iptables chains, emptied of every rule when the networks go. The
-//! tests take turns, since the bridges
-//! and subnets podman makes are the kernel's, not the folder's. Where podman cannot run a container, a test
-//! says so on the terminal (past the test harness's capture) and returns: skipped with its reason, never
-//! passed in silence.
+//! tests take turns, since the bridges and subnets podman makes are the kernel's, not the folder's. Where podman
+//! cannot run a container, a test says so on the terminal (past the test harness's capture) and returns:
+//! skipped with its reason, never passed in silence.
 
 mod support;
 

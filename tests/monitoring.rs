@@ -20,6 +20,7 @@ fn read(path: &str) -> String {
 const RULES: &str = "monitoring/prometheus/runonce-rules.yml";
 const OPERATOR_RULES: &str = "monitoring/prometheus/runonce-prometheusrule.yaml";
 const DASHBOARD: &str = "monitoring/grafana/runonce.json";
+const POD_MONITOR: &str = "monitoring/prometheus/runonce-podmonitor.yaml";
 
 #[test]
 fn the_rules_pass_promtool() {
@@ -108,4 +109,61 @@ async fn every_metric_the_dashboard_and_rules_name_is_exported() {
         .collect();
     let missing: Vec<_> = named.difference(&exported).collect();
     assert!(missing.is_empty(), "not exported: {missing:?}\n{scrape}");
+}
+
+/// The PodMonitor scrapes what the gateway manifest runs, under the job the rules name.
+#[test]
+fn the_podmonitor_scrapes_the_gateway_under_the_job_the_rules_name() {
+    let documents = |path: &str| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d]))",
+            ])
+            .arg(file(path))
+            .output()
+            .expect("python3 (scripts/setup.sh)");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let monitor = &documents(POD_MONITOR)[0];
+    assert_eq!(monitor["kind"], "PodMonitor");
+    let spec = &monitor["spec"];
+    let gateway = documents("docker/k8s/gateway.yaml")
+        .into_iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == "runonce-gateway")
+        .expect("the gateway Deployment");
+    let pod = &gateway["spec"]["template"];
+    let labels = pod["metadata"]["labels"].as_object().expect("pod labels");
+    for (name, value) in spec["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels")
+    {
+        assert_eq!(labels.get(name), Some(value), "the selector's {name}");
+    }
+    let endpoint = &spec["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let ports: Vec<&serde_json::Value> = pod["spec"]["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .flat_map(|c| c["ports"].as_array().into_iter().flatten())
+        .collect();
+    let admin = ports
+        .iter()
+        .find(|p| p["name"] == endpoint["port"])
+        .expect("the scraped port is one the gateway names");
+    assert_eq!(admin["containerPort"], 9700, "the admin port");
+    // The job the series get: the pods' value of the jobLabel label, the job RunonceDown names.
+    let job = labels[spec["jobLabel"].as_str().expect("jobLabel")]
+        .as_str()
+        .expect("a job");
+    assert!(
+        read(RULES).contains(&format!("up{{job=\"{job}\"}}")),
+        "job {job}"
+    );
 }

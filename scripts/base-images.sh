@@ -17,18 +17,19 @@ set -euo pipefail
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-mkdir "$work/debs"
 
 # unpack ROOT PACKAGE...: the packages, at the versions apt would install, unpacked into ROOT.
 unpack() {
   local root=$1
   shift
-  mkdir -p "$root"
+  # A folder per root: one version of each package in it, whatever an apt-get update between roots changed.
+  local debs="$work/debs-$(basename "$root")"
+  mkdir -p "$root" "$debs"
   # Package lists may be missing on a machine that installed nothing yet: fetch them once, then try again.
-  (cd "$work/debs" && { apt-get download -qq -o APT::Sandbox::User=root "$@" 2>/dev/null \
+  (cd "$debs" && { apt-get download -qq -o APT::Sandbox::User=root "$@" 2>/dev/null \
     || { apt-get update -qq && apt-get download -qq -o APT::Sandbox::User=root "$@"; }; })
   for package in "$@"; do
-    dpkg-deb -x "$work/debs/${package}"_*.deb "$root"
+    dpkg-deb -x "$debs/${package}"_*.deb "$root"
   done
 }
 

@@ -4,8 +4,8 @@
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 when an upstream accepts a connection; 503 when none does or runonce is shutting down
 //!   (at once on SIGTERM, while the drain runs).
-//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]); each scrape checks readiness first, for
-//!   `runonce_ready`.
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]). `runonce_ready` is `/readyz`'s last answer,
+//!   checked in the background every 5 s as well.
 //!
 //! Operator endpoints, which read and change keys and the configuration:
 //! - `GET /keys/{key}`: a record's state, age, owner, fingerprint and stored answer status.
@@ -96,6 +96,27 @@ const MAX_CONNECTIONS: usize = 64;
 /// limits hold here too: at most [`MAX_CONNECTIONS`] at once, and a head must arrive within
 /// `header_read_timeout` (hyper has no read timeout without a timer).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    // runonce_ready at most READY_EVERY old, whether or not anything probes /readyz; in the background, so a
+    // scrape never waits for the upstreams' connect time-outs.
+    let watch = {
+        let admin = Arc::clone(&admin);
+        async move {
+            loop {
+                ready_status(&admin).await;
+                tokio::time::sleep(READY_EVERY).await;
+            }
+        }
+    };
+    tokio::select! {
+        () = watch => {}
+        () = accept(listener, admin) => {}
+    }
+}
+
+/// How often the admin listener checks readiness for `runonce_ready`.
+const READY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn accept(listener: TcpListener, admin: Arc<Admin>) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(admin.header_read_timeout);
@@ -132,8 +153,6 @@ async fn answer(request: Request<Incoming>, admin: &Admin) -> Response<Full<Byte
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readiness(admin).await,
         (&Method::GET, "/metrics") => {
-            // runonce_ready as of now: a scrape is a probe too.
-            readiness(admin).await;
             let mut response =
                 Response::new(Full::new(Bytes::from(crate::metrics::get().render())));
             response.headers_mut().insert(
@@ -149,8 +168,8 @@ async fn answer(request: Request<Incoming>, admin: &Admin) -> Response<Full<Byte
     }
 }
 
-/// `/readyz`'s answer, also kept in `runonce_ready`.
-async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+/// Whether runonce is ready, and if not why; kept in `runonce_ready`.
+async fn ready_status(admin: &Admin) -> &'static str {
     let status = if *admin.stopping.borrow() {
         "shutting down"
     } else if admin.proxy.upstreams().any_reachable().await {
@@ -158,9 +177,15 @@ async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
     } else {
         "no upstream reachable"
     };
-    let ready = status == "ready";
-    crate::metrics::get().ready.set(i64::from(ready));
-    let code = if ready {
+    crate::metrics::get()
+        .ready
+        .set(i64::from(status == "ready"));
+    status
+}
+
+async fn readiness(admin: &Admin) -> Response<Full<Bytes>> {
+    let status = ready_status(admin).await;
+    let code = if status == "ready" {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE

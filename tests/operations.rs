@@ -222,24 +222,51 @@ async fn store_errors_are_counted_and_no_secret_reaches_the_log() {
     }
 }
 
-/// `runonce_ready` follows `/readyz`, checked at each scrape: 1 while the upstream accepts connections, 0 once it
-/// is gone.
+/// Scrapes `admin` until the text holds `needle`, for at most 8 s.
+async fn until_scraped(admin: SocketAddr, needle: &str, otherwise: &str) {
+    for _ in 0..80 {
+        if scrape(admin).await.contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{otherwise}");
+}
+
+/// `runonce_ready` follows `/readyz`: 1 while the upstream accepts connections, 0 once it is gone, found by the
+/// admin's own check (every 5 s) with nothing probing `/readyz`, and at once by a probe. A scrape does not
+/// check: it never waits for the upstreams.
 #[tokio::test]
 async fn runonce_ready_is_what_readyz_would_answer() {
     let mut mock = mock("v5.1.0-auth-off", 0);
+    let mock_addr = mock.addr("mock").to_string();
     let upstreams = [url(mock.addr("mock"))];
     let proxy = Process::start(
         &proxy_args(&upstreams, &["--connect-timeout", "200ms"]),
         &[],
     );
     let admin = proxy.addr("admin");
-    assert_eq!(sample(&scrape(admin).await, "runonce_ready"), 1.0);
+    // The first check runs as the admin listener starts.
+    until_scraped(admin, "runonce_ready 1", "runonce_ready never became 1").await;
     mock.child.kill().expect("kill the mock");
     mock.child.wait().expect("the mock exits");
-    let text = scrape(admin).await;
-    assert!(text.contains("runonce_ready 0"), "{text}");
+    until_scraped(admin, "runonce_ready 0", "runonce_ready stayed 1 for 8 s").await;
     let readyz = admin_call(admin, "GET", "/readyz", "").await;
     assert_eq!(readyz.status, 503, "{}", readyz.text());
+    // Back, and a probe says so at once.
+    let _back = Process::start(
+        &[
+            "mock-powerjob",
+            "--listen",
+            &mock_addr,
+            "--mode",
+            "v5.1.0-auth-off",
+        ],
+        &[],
+    );
+    let readyz = admin_call(admin, "GET", "/readyz", "").await;
+    assert_eq!(readyz.status, 200, "{}", readyz.text());
+    assert_eq!(sample(&scrape(admin).await, "runonce_ready"), 1.0);
 }
 
 /// A Redis that refuses every client (protected mode, as a Redis on its own defaults does to a client from another
@@ -249,11 +276,12 @@ async fn runonce_ready_is_what_readyz_would_answer() {
 async fn a_redis_that_refuses_every_client_is_named_in_the_log() {
     const DENIED: &str =
         "DENIED Redis is running in protected mode because protected mode is enabled";
-    let refusing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // On a thread of its own: the test's runtime is blocked while it waits for the log.
+    let refusing = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let store = format!("redis://{}/0", refusing.local_addr().unwrap());
-    let refuser = tokio::spawn(async move {
-        while let Ok((mut client, _)) = refusing.accept().await {
-            let _ = client.write_all(format!("-{DENIED}\r\n").as_bytes()).await;
+    std::thread::spawn(move || {
+        for mut client in refusing.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut client, format!("-{DENIED}\r\n").as_bytes());
         }
     });
     let mock = mock("v5.1.0-auth-off", 0);
@@ -264,15 +292,14 @@ async fn a_redis_that_refuses_every_client_is_named_in_the_log() {
         let refused = run_job(proxy.addr("proxy"), FORM, "").await;
         assert_eq!(refused.status, 503, "{}", refused.text());
     }
-    let said = logs.wait_for("DENIED");
+    // The probe's line, not the listener's (which may quote Redis too).
+    let said = logs.wait_for("new_connection=");
     assert!(
-        said.as_deref()
-            .is_some_and(|line| line.contains("redis store")),
+        said.as_deref().is_some_and(|line| line.contains(DENIED)),
         "{said:?}\n{}",
         logs.lines().join("\n")
     );
     assert_eq!(instances(&mock).await, 0);
-    refuser.abort();
 }
 
 #[tokio::test]

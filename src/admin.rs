@@ -4,8 +4,8 @@
 //! - `GET /healthz`: the process is alive (always 200).
 //! - `GET /readyz`: 200 when an upstream accepts a connection; 503 when none does or runonce is shutting down
 //!   (at once on SIGTERM, while the drain runs).
-//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]). `runonce_ready` is `/readyz`'s last answer,
-//!   checked in the background every 5 s as well.
+//! - `GET /metrics`: Prometheus text format ([`crate::metrics`]). `runonce_ready` is `/readyz`'s last answer;
+//!   from the first scrape on, the listener also checks it in the background every 5 s.
 //!
 //! Operator endpoints, which read and change keys and the configuration:
 //! - `GET /keys/{key}`: a record's state, age, owner, fingerprint and stored answer status.
@@ -57,6 +57,8 @@ pub struct Admin {
     reloader: Option<Arc<Reloader>>,
     /// The proxy's `header_read_timeout`, for the admin listener too.
     header_read_timeout: std::time::Duration,
+    /// Signalled by each `/metrics` scrape: the first starts the background readiness check.
+    scraped: tokio::sync::Notify,
 }
 
 impl Admin {
@@ -84,6 +86,7 @@ impl Admin {
             open_without_token: token.is_none() && loopback,
             reloader,
             header_read_timeout: settings.header_read_timeout.0,
+            scraped: tokio::sync::Notify::new(),
         }
     }
 }
@@ -96,11 +99,13 @@ const MAX_CONNECTIONS: usize = 64;
 /// limits hold here too: at most [`MAX_CONNECTIONS`] at once, and a head must arrive within
 /// `header_read_timeout` (hyper has no read timeout without a timer).
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
-    // runonce_ready at most READY_EVERY old, whether or not anything probes /readyz; in the background, so a
-    // scrape never waits for the upstreams' connect time-outs.
+    // From the first scrape on, runonce_ready is at most READY_EVERY old, whether or not anything probes
+    // /readyz. In the background, so a scrape never waits for the upstreams' connect time-outs; only once
+    // something scrapes, so an unwatched runonce opens no connections to PowerJob of its own.
     let watch = {
         let admin = Arc::clone(&admin);
         async move {
+            admin.scraped.notified().await;
             loop {
                 ready_status(&admin).await;
                 tokio::time::sleep(READY_EVERY).await;
@@ -153,6 +158,7 @@ async fn answer(request: Request<Incoming>, admin: &Admin) -> Response<Full<Byte
         (&Method::GET, "/healthz") => json(StatusCode::OK, json!({"status": "ok"})),
         (&Method::GET, "/readyz") => readiness(admin).await,
         (&Method::GET, "/metrics") => {
+            admin.scraped.notify_one();
             let mut response =
                 Response::new(Full::new(Bytes::from(crate::metrics::get().render())));
             response.headers_mut().insert(

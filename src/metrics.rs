@@ -117,7 +117,7 @@ pub struct Metrics {
     pub wait: Histogram,
     /// Leaders whose call is running in this process.
     pub inflight_keys: Gauge,
-    /// 1 when `/readyz` would answer 200, as of the last check (every 5 s, and each probe).
+    /// 1 when `/readyz` would answer 200, as of the last check (each probe, and every 5 s once scraped).
     pub ready: Gauge,
     pub auth_headers_repaired: Counter,
     pub store_errors: Counter,
@@ -259,7 +259,7 @@ impl Metrics {
         let ready = Gauge::default();
         registry.register(
             "ready",
-            "1 when runonce answers /readyz with 200 (an upstream accepts a connection, not shutting down), as of the last check (every 5 s, and each probe)",
+            "1 when runonce answers /readyz with 200 (an upstream accepts a connection, not shutting down), as of the last check: each probe, and every 5 s once scraped",
             ready.clone(),
         );
         let auth_headers_repaired = Counter::default();

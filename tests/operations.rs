@@ -234,8 +234,8 @@ async fn until_scraped(admin: SocketAddr, needle: &str, otherwise: &str) {
 }
 
 /// `runonce_ready` follows `/readyz`: 1 while the upstream accepts connections, 0 once it is gone, found by the
-/// admin's own check (every 5 s) with nothing probing `/readyz`, and at once by a probe. A scrape does not
-/// check: it never waits for the upstreams.
+/// admin's own check (every 5 s from the first scrape on) with nothing probing `/readyz`, and at once by a
+/// probe. A scrape does not check: it never waits for the upstreams.
 #[tokio::test]
 async fn runonce_ready_is_what_readyz_would_answer() {
     let mut mock = mock("v5.1.0-auth-off", 0);
@@ -246,7 +246,7 @@ async fn runonce_ready_is_what_readyz_would_answer() {
         &[],
     );
     let admin = proxy.addr("admin");
-    // The first check runs as the admin listener starts.
+    // The first scrape starts the checks.
     until_scraped(admin, "runonce_ready 1", "runonce_ready never became 1").await;
     mock.child.kill().expect("kill the mock");
     mock.child.wait().expect("the mock exits");

@@ -23,7 +23,14 @@ async fn run_job(proxy: SocketAddr) -> RawResponse {
 
 /// The mock with `fault` on its first instance-creating call.
 fn faulty_mock(mode: &str, fault: &str) -> Process {
-    mock_with(mode, &["--fault", fault, "--fault-count", "1"])
+    faulty_mock_with(mode, fault, &[])
+}
+
+/// The mock with `fault` once, and more flags.
+fn faulty_mock_with(mode: &str, fault: &str, extra: &[&str]) -> Process {
+    let mut flags = vec!["--fault", fault, "--fault-count", "1"];
+    flags.extend_from_slice(extra);
+    mock_with(mode, &flags)
 }
 
 fn resolving_proxy(mock: &Process) -> Process {
@@ -402,16 +409,10 @@ async fn another_keys_instance_is_not_taken_for_this_ones() {
 #[tokio::test]
 async fn duplicates_on_another_replica_wait_for_the_resolution_under_way() {
     let redis = support::redis::RedisServer::start();
-    let mock = mock_with(
+    let mock = faulty_mock_with(
         "v5.1.1-auth-off",
-        &[
-            "--fault",
-            "stall-after-create",
-            "--fault-count",
-            "1",
-            "--query-latency-ms",
-            "700",
-        ],
+        "stall-after-create",
+        &["--query-latency-ms", "700"],
     );
     let (upstream, store) = ([url(mock.addr("mock"))], redis.url());
     let flags = dead_leader_flags(&store);
@@ -432,16 +433,10 @@ async fn duplicates_on_another_replica_wait_for_the_resolution_under_way() {
 /// resolves with no duplicate and no person.
 #[tokio::test]
 async fn a_failed_asking_is_tried_again_by_the_leader() {
-    let mock = mock_with(
+    let mock = faulty_mock_with(
         "v5.1.1-auth-off",
-        &[
-            "--fault",
-            "stall-after-create",
-            "--fault-count",
-            "1",
-            "--query-failures",
-            "1",
-        ],
+        "stall-after-create",
+        &["--query-failures", "1"],
     );
     let proxy = resolving_proxy(&mock);
     let (addr, admin) = (proxy.addr("proxy"), proxy.addr("admin"));
